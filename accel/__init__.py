@@ -1,0 +1,1 @@
+"""meshaccel node agent: sources, state model, reconcilers, CLI, lab."""

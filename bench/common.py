@@ -1,0 +1,78 @@
+"""Helpers shared by benchmarks: machine description, medians, the JSON/text report."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+from collections.abc import Mapping
+from typing import Any
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "cpu_model": _cpu_model(),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """q in [0, 100]; nearest-rank on the sorted values."""
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, round(q / 100 * (len(s) - 1))))
+    return s[k]
+
+
+def report(
+    name: str,
+    baseline: Mapping[str, float],
+    candidate: Mapping[str, float],
+    ratio: Mapping[str, float],
+    as_json: bool,
+    extra: Mapping[str, Any] | None = None,
+) -> None:
+    """Print one JSON object (`--json`) or a readable table of baseline, candidate and ratio."""
+    doc: dict[str, Any] = {
+        "benchmark": name,
+        "machine": machine(),
+        "baseline": dict(baseline),
+        "candidate": dict(candidate),
+        "ratio": dict(ratio),
+    }
+    if extra:
+        doc.update(extra)
+    if as_json:
+        print(json.dumps(doc, indent=None, sort_keys=False))
+        return
+    m = doc["machine"]
+    print(f"{name}: {m['cpu_model']}, {m['cpus']} CPUs, kernel {m['kernel']}, Python {m['python']}")
+    keys = list(dict.fromkeys([*baseline, *candidate]))
+    width = max(len(k) for k in keys) if keys else 10
+    print(f"  {'metric':<{width}}  {'baseline':>14}  {'candidate':>14}  {'ratio':>8}")
+    for k in keys:
+        b, c = baseline.get(k, float("nan")), candidate.get(k, float("nan"))
+        r = ratio.get(k)
+        rs = f"{r:8.3f}" if r is not None else " " * 8
+        print(f"  {k:<{width}}  {b:14.6g}  {c:14.6g}  {rs}")
+    for k, v in (extra or {}).items():
+        print(f"  {k}: {v}")

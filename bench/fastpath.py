@@ -1,0 +1,91 @@
+"""`python -m bench fastpath [--json]`: pod-to-pod over the lab, plain kernel path (baseline) vs
+the sockmap fast path (candidate), measured in the same run on the same lab.
+
+Latency: sockperf ping-pong, 64-byte TCP messages (sockperf reports one-way latency = RTT/2).
+Throughput: iperf3, 1 and 4 parallel streams. Rounds alternate plain/accelerated; medians are
+reported, since this machine is noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+
+from accel.lab import Lab
+from bench.common import median, report
+
+PCT = re.compile(r"percentile (\d+\.\d+) =\s+([\d.]+)")
+
+
+def _sockperf(lab: Lab, seconds: float, port: int) -> dict[str, float]:
+    ip = lab.pod("pod1").ipv4
+    server = lab.popen("pod1", ["sockperf", "sr", "--tcp", "-i", ip, "-p", str(port)],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.3)
+        out = lab.run("pod2", ["sockperf", "pp", "--tcp", "-i", ip, "-p", str(port), "-t", str(seconds),
+                               "-m", "64"], capture_output=True, text=True, timeout=seconds + 30)
+    finally:
+        server.kill()
+        server.wait()
+    pct = {float(a): float(b) * 1e-6 for a, b in PCT.findall(out.stdout + out.stderr)}
+    if 50.0 not in pct:
+        raise RuntimeError(f"sockperf gave no percentiles: {out.stdout[-500:]} {out.stderr[-500:]}")
+    return {"latency_p50_seconds": pct[50.0], "latency_p99_seconds": pct[99.0]}
+
+
+def _iperf3(lab: Lab, seconds: float, streams: int, port: int) -> float:
+    ip = lab.pod("pod1").ipv4
+    server = lab.popen("pod1", ["iperf3", "-s", "-1", "-B", ip, "-p", str(port)],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.3)
+        out = lab.run("pod2", ["iperf3", "-c", ip, "-p", str(port), "-t", str(seconds), "-P", str(streams), "-J"],
+                      capture_output=True, text=True, timeout=seconds + 30)
+    finally:
+        server.kill()
+        server.wait()
+    doc = json.loads(out.stdout)
+    return float(doc["end"]["sum_received"]["bits_per_second"]) / 8  # bytes per second
+
+
+def _measure(lab: Lab, seconds: float, port: int) -> dict[str, float]:
+    m = _sockperf(lab, seconds, port)
+    m["throughput_1_stream_bytes_per_second"] = _iperf3(lab, seconds, 1, port + 1)
+    m["throughput_4_streams_bytes_per_second"] = _iperf3(lab, seconds, 4, port + 2)
+    return m
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench fastpath")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--define", action="append", default=[], metavar="NAME=VALUE",
+                    help="compile-time tunable of the eBPF sources for the candidate (for experiments)")
+    args = ap.parse_args(argv)
+    defines = dict(d.split("=", 1) for d in args.define)
+    base: list[dict[str, float]] = []
+    cand: list[dict[str, float]] = []
+    with Lab(2, attach=False) as lab:
+        for r in range(args.rounds):
+            port = 20000 + r * 10
+            base.append(_measure(lab, args.seconds, port))
+            lab.attach_bpf(defines)
+            try:
+                cand.append(_measure(lab, args.seconds, port + 5))
+            finally:
+                lab.detach_bpf()
+            if not args.json:
+                print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+    keys = base[0].keys()
+    b = {k: median([x[k] for x in base]) for k in keys}
+    c = {k: median([x[k] for x in cand]) for k in keys}
+    ratio = {k: c[k] / b[k] for k in keys}
+    report("fastpath", b, c, ratio, args.json, extra={"rounds": args.rounds, "seconds_per_test": args.seconds,
+                                                        "defines": defines})
+    return 0

@@ -1,0 +1,1 @@
+"""CA, SPIFFE SVID issuance, CSR API, rotation, trust bundles."""

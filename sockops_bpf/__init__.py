@@ -1,0 +1,1 @@
+"""eBPF programs (C) and the bcc loader that compiles, pins, attaches and detaches them."""

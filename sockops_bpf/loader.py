@@ -1,0 +1,177 @@
+"""Compile, pin, attach, detach and unpin the meshaccel eBPF programs.
+
+Public surface: `load`, `detach`, `uninstall`, `instances`, `pin_dir`. Everything an instance owns
+lives under /sys/fs/bpf/meshaccel/<instance>:
+  maps      local_endpoints, sock_hash, counters   (reused by a reload: fast-path sockets survive)
+  programs  prog_sockops, prog_redir
+  link      link_sockops   (the cgroup attachment; unpinning it detaches)
+sk_msg is attached to sock_hash itself, so it lives as long as that map.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from accel.errors import UserError
+from sockops_bpf import libbpf
+from sockops_bpf.cgroup import cgroup2_root, cgroup_path_by_id, check_cgroup
+from sockops_bpf.headers import find_kernel_headers
+
+log = logging.getLogger("meshaccel.loader")
+
+BPFFS = Path(os.environ.get("MESHACCEL_BPFFS", "/sys/fs/bpf"))
+SRC_DIR = Path(__file__).resolve().parent
+SOURCES = ("sockops.c", "redir.c")
+PROGRAMS = {"prog_sockops": "mesh_sockops", "prog_redir": "mesh_redir"}
+
+
+def pin_root() -> Path:
+    return BPFFS / "meshaccel"
+
+
+def pin_dir(instance: str) -> Path:
+    if not instance or "/" in instance or instance.startswith("."):
+        raise UserError(f"bad instance name {instance!r}: use letters, digits, '-' and '_'")
+    return pin_root() / instance
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    instance: str
+    pin_dir: Path
+    cgroup: Path
+    compile_seconds: float
+    reused_maps: bool
+
+
+def _preflight() -> None:
+    if os.geteuid() != 0:
+        raise UserError("eBPF needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN); run as root")
+    if not os.path.ismount(BPFFS):
+        raise UserError(f"no bpffs at {BPFFS}; mount it: mount -t bpf bpf {BPFFS}")
+
+
+def _compile(pdir: Path, defines: dict[str, str]) -> tuple[object, dict[str, int], float]:
+    os.environ["BCC_KERNEL_SOURCE"] = str(find_kernel_headers())
+    try:
+        from bcc import BPF
+    except ImportError as e:
+        raise UserError("bcc is not importable: install Debian's python3-bpfcc (scripts/setup.sh)") from e
+    # One text, header first: bcc rewrites map calls only in the main text, not in #included files.
+    text = "\n".join((SRC_DIR / s).read_text() for s in ("maps.h", *SOURCES))
+    t0 = time.monotonic()
+    try:
+        cflags = [f"-I{SRC_DIR}", f'-DPIN_DIR="{pdir}"', *(f"-D{k}={v}" for k, v in defines.items())]
+        bpf = BPF(text=text.encode(), cflags=cflags)
+    except Exception as e:  # bcc raises a bare Exception; clang's messages went to stderr
+        raise UserError(f"eBPF compile failed ({e}); see the compiler messages above") from e
+    fds = {
+        "prog_sockops": bpf.load_func(PROGRAMS["prog_sockops"].encode(), BPF.SOCK_OPS).fd,
+        "prog_redir": bpf.load_func(PROGRAMS["prog_redir"].encode(), BPF.SK_MSG).fd,
+    }
+    return bpf, fds, time.monotonic() - t0
+
+
+def _repin(fd: int, path: Path) -> None:
+    """Point a pin at a new object: pin under a temporary name, then rename over the old pin."""
+    tmp = path.with_name(path.name + "_new")  # bpffs refuses names with dots
+    if tmp.exists():
+        tmp.unlink()
+    libbpf.obj_pin(fd, str(tmp))
+    os.rename(tmp, path)
+
+
+def load(instance: str, cgroup: Path | None = None, defines: dict[str, str] | None = None) -> Loaded:
+    """Compile and attach; over an existing pin set, swap programs in place and keep the maps.
+    `defines` override compile-time tunables of the C sources (benchmarks compare variants)."""
+    _preflight()
+    cg = check_cgroup(cgroup) if cgroup else cgroup2_root()
+    pdir = pin_dir(instance)
+    reused = (pdir / "sock_hash").exists()
+    pdir.mkdir(parents=True, exist_ok=True)
+    try:
+        bpf, fds, secs = _compile(pdir, defines or {})
+        for pin, fd in fds.items():
+            _repin(fd, pdir / pin)
+        # sk_msg on the map: replaces the map's program; sockets already in it keep the one they have.
+        sock_hash = libbpf.obj_get(str(pdir / "sock_hash"))
+        try:
+            libbpf.prog_attach(fds["prog_redir"], sock_hash, libbpf.BPF_SK_MSG_VERDICT)
+        finally:
+            os.close(sock_hash)
+        _attach_cgroup(pdir, fds["prog_sockops"], cg)
+        del bpf  # closes bcc's fds; pins and link keep everything alive
+    except BaseException:
+        if not reused:
+            _remove_pins(pdir)
+        raise
+    log.info("loaded instance=%s cgroup=%s compile_s=%.2f reused_maps=%s", instance, cg, secs, reused)
+    return Loaded(instance, pdir, cg, secs, reused)
+
+
+def _attach_cgroup(pdir: Path, prog_fd: int, cg: Path) -> None:
+    link_pin = pdir / "link_sockops"
+    if link_pin.exists():
+        link = libbpf.obj_get(str(link_pin))
+        try:
+            if cgroup_path_by_id(libbpf.link_info(link).cgroup_id) == cg:
+                libbpf.link_update(link, prog_fd)  # atomic swap, no gap
+                return
+        finally:
+            os.close(link)
+        link_pin.unlink()  # attached elsewhere before: move it
+    cg_fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        link = libbpf.link_create(prog_fd, cg_fd, libbpf.BPF_CGROUP_SOCK_OPS)
+    finally:
+        os.close(cg_fd)
+    try:
+        libbpf.obj_pin(link, str(link_pin))
+    finally:
+        os.close(link)
+
+
+def detach(instance: str) -> bool:
+    """Stop handling new connections (cgroup link gone); maps and sockets already spliced stay."""
+    link_pin = pin_dir(instance) / "link_sockops"
+    if link_pin.exists():
+        link_pin.unlink()
+        return True
+    return False
+
+
+def uninstall(instance: str) -> None:
+    """Remove every attachment and pin of an instance."""
+    pdir = pin_dir(instance)
+    if not pdir.exists():
+        return
+    detach(instance)
+    _remove_pins(pdir)
+
+
+def _remove_pins(pdir: Path) -> None:
+    if (pdir / "sock_hash").exists() and (pdir / "prog_redir").exists():
+        try:
+            m = libbpf.obj_get(str(pdir / "sock_hash"))
+            p = libbpf.obj_get(str(pdir / "prog_redir"))
+            try:
+                libbpf.prog_detach(p, m, libbpf.BPF_SK_MSG_VERDICT)
+            finally:
+                os.close(m)
+                os.close(p)
+        except OSError as e:
+            log.warning("detach sk_msg instance_dir=%s error=%s", pdir, e)
+    shutil.rmtree(pdir, ignore_errors=True)  # unlink on bpffs = unpin
+    with contextlib.suppress(OSError):
+        pin_root().rmdir()  # fails while other instances remain
+
+
+def instances() -> list[str]:
+    root = pin_root()
+    return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []

@@ -1,0 +1,61 @@
+"""maps.h and its Python mirror (sockops_bpf/layout.py) agree on every size and offset."""
+
+from __future__ import annotations
+
+import ctypes as ct
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from sockops_bpf import layout
+from sockops_bpf.loader import SRC_DIR
+
+pytestmark = pytest.mark.unit
+
+STRUCTS = {"ip_addr": layout.IpAddr, "endpoint_info": layout.EndpointInfo, "sock_key": layout.SockKey}
+CONSTANTS = {"MAX_ENDPOINTS": layout.MAX_ENDPOINTS, "MAX_SOCKETS": layout.MAX_SOCKETS, "CNT_MAX": layout.CNT_MAX,
+             "EP_F_LOOPBACK": layout.EP_F_LOOPBACK,
+             **{f"CNT_{c.name}": int(c) for c in layout.Counter}}
+
+
+def c_layout(tmp_path: Path) -> dict[str, int]:
+    """Compile a probe against maps.h with the host compiler and read what it prints."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    assert cc, "a C compiler is needed for the layout probe"
+    lines = ['#include <stdio.h>', '#include <stddef.h>', '#include "maps.h"', "int main(void) {"]
+    for name, cls in STRUCTS.items():
+        lines.append(f'printf("{name} %zu\\n", sizeof(struct {name}));')
+        for field, _ in cls._fields_:
+            lines.append(f'printf("{name}.{field} %zu\\n", offsetof(struct {name}, {field}));')
+    for const in CONSTANTS:
+        lines.append(f'printf("{const} %ld\\n", (long)({const}));')
+    lines += ["return 0;", "}"]
+    src = tmp_path / "probe.c"
+    src.write_text("\n".join(lines))
+    exe = tmp_path / "probe"
+    subprocess.run([cc, "-DMESHACCEL_LAYOUT_ONLY", f"-I{SRC_DIR}", "-o", str(exe), str(src)], check=True)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
+    return {k: int(v) for k, v in (line.split() for line in out.splitlines())}
+
+
+def py_layout() -> dict[str, int]:
+    d: dict[str, int] = {}
+    for name, cls in STRUCTS.items():
+        d[name] = ct.sizeof(cls)
+        for field, _ in cls._fields_:
+            d[f"{name}.{field}"] = getattr(cls, field).offset
+    d.update(CONSTANTS)
+    return d
+
+
+def test_c_and_python_layouts_agree(tmp_path: Path) -> None:
+    assert c_layout(tmp_path) == py_layout()
+
+
+def test_ipv4_is_stored_ipv4_mapped() -> None:
+    a = layout.IpAddr.from_ip("10.1.2.3")
+    assert bytes(a.addr) == bytes(10) + b"\xff\xff" + bytes([10, 1, 2, 3])
+    assert str(a.to_ip()) == "10.1.2.3"
+    assert str(layout.IpAddr.from_ip("fd00::1").to_ip()) == "fd00::1"
