@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 5000
 _SYNCED = object()
 # Problems that are failures of the path to the cluster, not bad input.
-TRANSIENT = frozenset({"watch_failed", "apiserver_unreachable", "manifest_folder_unreadable", "watch_unknown_event"})
+TRANSIENT = frozenset({"watch_failed", "watch_garbled", "apiserver_unreachable", "manifest_folder_unreadable", "watch_unknown_event"})
 
 
 @dataclass(frozen=True, slots=True)

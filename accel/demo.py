@@ -70,8 +70,8 @@ def run(megabytes: int = 256) -> int:
             print(f"    map {name}: {m.get('entries', '-')} entries")
         for k, v in d["counters"].items():
             print(f"    counter {k}: {v}")
-        p, a = results["plain"], results["accelerated"]
-        _say(f"result: latency p50 x{a['latency_p50_seconds'] / p['latency_p50_seconds']:.2f}, "
-             f"throughput x{a['throughput'] / p['throughput']:.2f} (accelerated / plain); all bytes verified")
+        base, acc = results["plain"], results["accelerated"]
+        _say(f"result: latency p50 x{acc['latency_p50_seconds'] / base['latency_p50_seconds']:.2f}, "
+             f"throughput x{acc['throughput'] / base['throughput']:.2f} (accelerated / plain); all bytes verified")
         _say("removing the lab: namespaces, cgroups, attachments and pins")
     return 0

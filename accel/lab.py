@@ -105,7 +105,10 @@ class Lab:
         node = self.node_netns
         for ns in (node, *(p.netns for p in self.pods.values())):
             _run("ip", "netns", "add", ns)
-        root_lines, node_lines = [], ["link set lo up", "link add br0 type bridge", "link set br0 up"]
+        root_lines, node_lines = [], ["link set lo up", "link add br0 type bridge", "link set br0 up",
+                                      # the node's own address: host-network processes reach pods from it
+                                      f"addr add {self.node_ipv4}/{V4_NET.prefixlen} dev br0",
+                                      f"addr add {self.node_ipv6}/{V6_NET.prefixlen} dev br0 nodad"]
         for i, pod in enumerate(self.pods.values()):
             peer = f"v{i + 1}"  # names are per namespace: no clash with other labs or the host
             root_lines.append(f"link add eth0 netns {pod.netns} type veth peer name {peer} netns {node}")
@@ -136,8 +139,9 @@ class Lab:
                 maps.local_endpoints["127.0.0.1"] = 0
                 maps.local_endpoints["::1"] = 0
 
-    def detach_bpf(self) -> None:
-        loader.uninstall(self.instance)
+    def detach_bpf(self, force: bool = True) -> int:
+        """Remove the programs and pins (for tests and benchmarks: force, the lab owns every socket)."""
+        return loader.uninstall(self.instance, force=force, drain_seconds=2.0)
 
     def down(self) -> None:
         _teardown(self.id)
@@ -155,17 +159,31 @@ class Lab:
         except KeyError:
             raise UserError(f"no pod {name!r} in lab {self.id}; pods: {', '.join(self.pods)}") from None
 
-    def command(self, pod: str, argv: Sequence[str]) -> list[str]:
-        """argv wrapped to run inside the pod: its network namespace and its cgroup."""
-        p = self.pod(pod)
+    @property
+    def node_ipv4(self) -> str:
+        return str(V4_NET.network_address + 1)
+
+    @property
+    def node_ipv6(self) -> str:
+        return str(V6_NET.network_address + 1)
+
+    def node_command(self, argv: Sequence[str]) -> list[str]:
+        """argv wrapped to run as a host-network process: the node's namespace and the node cgroup itself."""
         enter = 'echo $$ > "$0/cgroup.procs" && exec "$@"'
+        return ["nsenter", f"--net=/run/netns/{self.node_netns}", "--", "sh", "-c", enter, str(self.cgroup), *argv]
+
+    def command(self, pod: str, argv: Sequence[str], in_cgroup: bool = True) -> list[str]:
+        """argv wrapped to run inside the pod: its network namespace and its cgroup. in_cgroup=False
+        keeps the caller's cgroup: a process the node's programs do not see (an unmanaged peer)."""
+        p = self.pod(pod)
+        enter = 'echo $$ > "$0/cgroup.procs" && exec "$@"' if in_cgroup else 'exec "$@"'
         return ["nsenter", f"--net=/run/netns/{p.netns}", "--", "sh", "-c", enter, p.cgroup, *argv]
 
-    def popen(self, pod: str, argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
-        return subprocess.Popen(self.command(pod, argv), **kw)
+    def popen(self, pod: str, argv: Sequence[str], in_cgroup: bool = True, **kw: Any) -> subprocess.Popen[Any]:
+        return subprocess.Popen(self.command(pod, argv, in_cgroup), **kw)
 
-    def run(self, pod: str, argv: Sequence[str], **kw: Any) -> subprocess.CompletedProcess[Any]:
-        return subprocess.run(self.command(pod, argv), **kw)
+    def run(self, pod: str, argv: Sequence[str], in_cgroup: bool = True, **kw: Any) -> subprocess.CompletedProcess[Any]:
+        return subprocess.run(self.command(pod, argv, in_cgroup), **kw)
 
     def _save(self) -> None:
         doc = {
@@ -233,7 +251,8 @@ def _teardown(lab_id: str) -> None:
     """Remove one lab's resources; tolerant of anything already gone."""
     _kill_cgroup(cgroup2_root() / f"{PREFIX}lab-{lab_id}")
     try:
-        loader.uninstall(f"lab-{lab_id}")
+        # Every process of the lab is gone, so its spliced sockets are closing: let them drain.
+        loader.uninstall(f"lab-{lab_id}", force=True, drain_seconds=2.0)
     except (OSError, UserError) as e:
         log.warning("unpin lab=%s error=%s", lab_id, e)
     for ns in _netns_names(f"{PREFIX}{lab_id}-"):

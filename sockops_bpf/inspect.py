@@ -7,14 +7,17 @@ from typing import Any
 
 from sockops_bpf import libbpf, loader
 from sockops_bpf.cgroup import cgroup_path_by_id
-from sockops_bpf.maps import open_pinned
+from sockops_bpf.maps import LB_MAP_NAMES, open_lb, open_pinned
 
 
 def describe(instance: str) -> dict[str, Any]:
     pdir = loader.pin_dir(instance)
     doc: dict[str, Any] = {"instance": instance, "pin_dir": str(pdir), "attachments": [], "maps": {}}
-    link_pin = pdir / "link_sockops"
-    if link_pin.exists():
+    links = {"link_sockops": "cgroup_sock_ops", **{f"link_lb_{h}": f"cgroup_{h}" for h in loader.SOCK_ADDR_HOOKS}}
+    for link_name, hook in links.items():
+        link_pin = pdir / link_name
+        if not link_pin.exists():
+            continue
         fd = libbpf.obj_get(str(link_pin))
         try:
             info = libbpf.link_info(fd)
@@ -24,10 +27,10 @@ def describe(instance: str) -> dict[str, Any]:
             finally:
                 os.close(prog)
             cg = cgroup_path_by_id(info.cgroup_id)
-            doc["attachments"].append({"program": name, "hook": "cgroup_sock_ops", "cgroup": str(cg)})
+            doc["attachments"].append({"program": name, "hook": hook, "cgroup": str(cg)})
         finally:
             os.close(fd)
-    for name in ("local_endpoints", "sock_hash", "counters"):
+    for name in ("local_endpoints", "sock_hash", "counters", *LB_MAP_NAMES):
         if (pdir / name).exists():
             fd = libbpf.obj_get(str(pdir / name))
             try:
@@ -49,4 +52,9 @@ def describe(instance: str) -> dict[str, Any]:
             doc["maps"]["local_endpoints"]["entries"] = len(maps.local_endpoints)
             doc["maps"]["sock_hash"]["entries"] = maps.socket_count()
             doc["counters"] = maps.counters()
+    if set(LB_MAP_NAMES) <= doc["maps"].keys():
+        with open_lb(pdir) as lb:
+            for name, view in (("lb_services", lb.services), ("lb_slots", lb.slots), ("lb_skip", lb.skip)):
+                doc["maps"][name]["entries"] = len(view)
+            doc.setdefault("counters", {}).update(lb.counters())
     return doc

@@ -55,8 +55,91 @@ MAX_ENDPOINTS = 65536
 MAX_SOCKETS = 131072
 
 # name in maps.h -> (key type, value type); the layout test compiles a probe against these.
-MAPS: dict[str, tuple[type[ct.Structure] | type[ct.c_int], type[ct.Structure] | type[ct.c_int] | type[ct.c_uint64]]] = {
+CType = type[ct.Structure] | type[ct.c_int] | type[ct.c_uint8] | type[ct.c_uint32] | type[ct.c_uint64]
+MAPS: dict[str, tuple[CType, CType]] = {
     "local_endpoints": (IpAddr, EndpointInfo),
     "sock_hash": (SockKey, ct.c_int),
     "counters": (ct.c_int, ct.c_uint64),
+    "tcp_only": (ct.c_int, ct.c_uint8),
 }
+
+
+# ---- Service load balancing (maps.h: "Service load balancing", sock_lb.c) ------------------------
+LB_MAX_SERVICES = 65536
+LB_MAX_SLOTS = 262144
+LB_MAX_BACKENDS = 1024
+LB_MAX_REVERSE = 131072
+LB_MAX_AFFINITY = 65536
+LB_MAX_SKIP = 16384
+LB_F_AFFINITY = 1
+LB_SKIP_EXCLUDED = 1
+LB_SKIP_ISTIO = 2
+LB_CNT_MAX = 8
+
+
+class LbSvcKey(ct.Structure):
+    _fields_ = [("vip", IpAddr), ("port", ct.c_uint16), ("proto", ct.c_uint8), ("pad", ct.c_uint8)]
+
+
+class LbSvc(ct.Structure):
+    _fields_ = [("id", ct.c_uint32), ("count", ct.c_uint32), ("flags", ct.c_uint32),
+                ("affinity_timeout", ct.c_uint32)]
+
+
+class LbSlotKey(ct.Structure):
+    _fields_ = [("svc_id", ct.c_uint32), ("index", ct.c_uint32)]
+
+
+class LbAddr(ct.Structure):
+    _fields_ = [("ip", IpAddr), ("port", ct.c_uint16), ("pad", ct.c_uint16), ("pad2", ct.c_uint32)]
+
+
+class LbMemberKey(ct.Structure):
+    _fields_ = [("svc_id", ct.c_uint32), ("port", ct.c_uint16), ("pad", ct.c_uint16), ("ip", IpAddr)]
+
+
+class LbAffinityKey(ct.Structure):
+    _fields_ = [("netns_cookie", ct.c_uint64), ("svc_id", ct.c_uint32), ("pad", ct.c_uint32)]
+
+
+class LbAffinityEntry(ct.Structure):
+    _fields_ = [("backend", LbAddr), ("last_ns", ct.c_uint64)]
+
+
+class LbRevKey(ct.Structure):
+    _fields_ = [("cookie", ct.c_uint64), ("ip", IpAddr), ("port", ct.c_uint16), ("pad", ct.c_uint16),
+                ("pad2", ct.c_uint32)]
+
+
+class LbSkipKey(ct.Structure):
+    _fields_ = [("netns_cookie", ct.c_uint64)]
+
+
+class LbSkipEntry(ct.Structure):
+    _fields_ = [("reason", ct.c_uint32), ("pad", ct.c_uint32)]
+
+
+class LbCounter(IntEnum):
+    TRANSLATED = 0
+    NO_BACKEND = 1
+    SKIPPED = 2
+    AFFINITY_HIT = 3
+    REVERSED = 4
+    SLOT_MISS = 5
+
+
+# struct name in maps.h -> mirror (tests/test_servicelb.py compiles a probe against these).
+LB_STRUCTS: dict[str, type[ct.Structure]] = {
+    "lb_svc_key": LbSvcKey, "lb_svc": LbSvc, "lb_slot_key": LbSlotKey, "lb_addr": LbAddr,
+    "lb_member_key": LbMemberKey, "lb_affinity_key": LbAffinityKey, "lb_affinity_entry": LbAffinityEntry,
+    "lb_rev_key": LbRevKey, "lb_skip_key": LbSkipKey, "lb_skip_entry": LbSkipEntry,
+}
+MAPS.update({
+    "lb_services": (LbSvcKey, LbSvc),
+    "lb_slots": (LbSlotKey, LbAddr),
+    "lb_members": (LbMemberKey, ct.c_uint32),
+    "lb_reverse": (LbRevKey, LbAddr),
+    "lb_affinity": (LbAffinityKey, LbAffinityEntry),
+    "lb_skip": (LbSkipKey, LbSkipEntry),
+    "lb_counters": (ct.c_int, ct.c_uint64),
+})

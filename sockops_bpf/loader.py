@@ -5,6 +5,7 @@ lives under /sys/fs/bpf/meshaccel/<instance>:
   maps      local_endpoints, sock_hash, counters   (reused by a reload: fast-path sockets survive)
   programs  prog_sockops, prog_redir
   link      link_sockops   (the cgroup attachment; unpinning it detaches)
+  service LB  maps lb_*, programs prog_lb_<hook>, links link_lb_<hook> (sock_lb.c, one per SOCK_ADDR_HOOKS)
 sk_msg is attached to sock_hash itself, so it lives as long as that map.
 """
 
@@ -22,13 +23,27 @@ from accel.errors import UserError
 from sockops_bpf import libbpf
 from sockops_bpf.cgroup import cgroup2_root, cgroup_path_by_id, check_cgroup
 from sockops_bpf.headers import find_kernel_headers
+from sockops_bpf.layout import SockKey
 
 log = logging.getLogger("meshaccel.loader")
 
 BPFFS = Path(os.environ.get("MESHACCEL_BPFFS", "/sys/fs/bpf"))
 SRC_DIR = Path(__file__).resolve().parent
-SOURCES = ("sockops.c", "redir.c")
+SOURCES = ("sockops.c", "redir.c", "sock_lb.c")
 PROGRAMS = {"prog_sockops": "mesh_sockops", "prog_redir": "mesh_redir"}
+# sock_lb.c: hook -> (function, enum bpf_attach_type). The attach type is also the program's expected
+# attach type at load time (it decides which context fields it may write).
+SOCK_ADDR_HOOKS = {
+    "connect4": ("lb_connect4", 10),  # BPF_CGROUP_INET4_CONNECT
+    "connect6": ("lb_connect6", 11),  # BPF_CGROUP_INET6_CONNECT
+    "sendmsg4": ("lb_sendmsg4", 14),  # BPF_CGROUP_UDP4_SENDMSG
+    "sendmsg6": ("lb_sendmsg6", 15),  # BPF_CGROUP_UDP6_SENDMSG
+    "recvmsg4": ("lb_recvmsg4", 19),  # BPF_CGROUP_UDP4_RECVMSG
+    "recvmsg6": ("lb_recvmsg6", 20),  # BPF_CGROUP_UDP6_RECVMSG
+    "getpeername4": ("lb_getpeername4", 29),  # BPF_CGROUP_INET4_GETPEERNAME
+    "getpeername6": ("lb_getpeername6", 30),  # BPF_CGROUP_INET6_GETPEERNAME
+}
+PROGRAMS.update({f"prog_lb_{hook}": fn for hook, (fn, _) in SOCK_ADDR_HOOKS.items()})
 
 
 def pin_root() -> Path:
@@ -75,6 +90,8 @@ def _compile(pdir: Path, defines: dict[str, str]) -> tuple[object, dict[str, int
         "prog_sockops": bpf.load_func(PROGRAMS["prog_sockops"].encode(), BPF.SOCK_OPS).fd,
         "prog_redir": bpf.load_func(PROGRAMS["prog_redir"].encode(), BPF.SK_MSG).fd,
     }
+    for hook, (fn, attach_type) in SOCK_ADDR_HOOKS.items():
+        fds[f"prog_lb_{hook}"] = bpf.load_func(fn.encode(), BPF.CGROUP_SOCK_ADDR, attach_type=attach_type).fd
     return bpf, fds, time.monotonic() - t0
 
 
@@ -106,6 +123,8 @@ def load(instance: str, cgroup: Path | None = None, defines: dict[str, str] | No
         finally:
             os.close(sock_hash)
         _attach_cgroup(pdir, fds["prog_sockops"], cg)
+        for hook, (_, attach_type) in SOCK_ADDR_HOOKS.items():
+            _attach_cgroup(pdir, fds[f"prog_lb_{hook}"], cg, f"link_lb_{hook}", attach_type)
         del bpf  # closes bcc's fds; pins and link keep everything alive
     except BaseException:
         if not reused:
@@ -115,8 +134,9 @@ def load(instance: str, cgroup: Path | None = None, defines: dict[str, str] | No
     return Loaded(instance, pdir, cg, secs, reused)
 
 
-def _attach_cgroup(pdir: Path, prog_fd: int, cg: Path) -> None:
-    link_pin = pdir / "link_sockops"
+def _attach_cgroup(pdir: Path, prog_fd: int, cg: Path, link_name: str = "link_sockops",
+                   attach_type: int = libbpf.BPF_CGROUP_SOCK_OPS) -> None:
+    link_pin = pdir / link_name
     if link_pin.exists():
         link = libbpf.obj_get(str(link_pin))
         try:
@@ -128,7 +148,7 @@ def _attach_cgroup(pdir: Path, prog_fd: int, cg: Path) -> None:
         link_pin.unlink()  # attached elsewhere before: move it
     cg_fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        link = libbpf.link_create(prog_fd, cg_fd, libbpf.BPF_CGROUP_SOCK_OPS)
+        link = libbpf.link_create(prog_fd, cg_fd, attach_type)
     finally:
         os.close(cg_fd)
     try:
@@ -138,21 +158,50 @@ def _attach_cgroup(pdir: Path, prog_fd: int, cg: Path) -> None:
 
 
 def detach(instance: str) -> bool:
-    """Stop handling new connections (cgroup link gone); maps and sockets already spliced stay."""
-    link_pin = pin_dir(instance) / "link_sockops"
-    if link_pin.exists():
-        link_pin.unlink()
-        return True
-    return False
+    """Stop handling new connections (every cgroup link gone); maps and sockets already spliced stay."""
+    pdir = pin_dir(instance)
+    found = False
+    for link_pin in ("link_sockops", *(f"link_lb_{hook}" for hook in SOCK_ADDR_HOOKS)):
+        if (pdir / link_pin).exists():
+            (pdir / link_pin).unlink()
+            found = True
+    return found
 
 
-def uninstall(instance: str) -> None:
-    """Remove every attachment and pin of an instance."""
+def spliced_sockets(instance: str) -> int:
+    """Sockets currently in the instance's sock_hash (0 when nothing is pinned)."""
+    pin = pin_dir(instance) / "sock_hash"
+    if not pin.exists():
+        return 0
+    fd = libbpf.obj_get(str(pin))
+    try:
+        return len(libbpf.map_keys(fd, SockKey))
+    finally:
+        os.close(fd)
+
+
+def uninstall(instance: str, force: bool = False, drain_seconds: float = 0.0) -> int:
+    """Remove every attachment and pin of an instance. Returns the spliced sockets left (0 = removed).
+
+    A socket must not leave sock_hash while its peer may still redirect into it: the kernel drops
+    bytes queued on the fast path when the socket's psock goes (a test that forced this lost bytes).
+    So uninstall first stops new splicing, waits up to `drain_seconds` for spliced connections to
+    close, and keeps the maps pinned while any remain — unless `force`.
+    """
     pdir = pin_dir(instance)
     if not pdir.exists():
-        return
+        return 0
     detach(instance)
+    deadline = time.monotonic() + drain_seconds
+    left = spliced_sockets(instance)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = spliced_sockets(instance)
+    if left and not force:
+        log.warning("uninstall deferred instance=%s spliced_sockets=%d", instance, left)
+        return left
     _remove_pins(pdir)
+    return 0
 
 
 def _remove_pins(pdir: Path) -> None:

@@ -80,6 +80,19 @@ struct sock_hash_table_t sock_hash = {.max_entries = MAX_SOCKETS};
 BPF_ANNOTATE_KV_PAIR(sock_hash, struct sock_key, int);
 BPF_TABLE_PINNED("percpu_array", int, __u64, counters, CNT_MAX, PIN_DIR "/counters");
 
+/* Per-socket flag, set when a socket's sk_msg verdict fell back to TCP: it then stays on TCP (see
+ * redir.c). Socket-local storage goes away with the socket. bcc's BPF_SK_STORAGE shape, pinned. */
+struct tcp_only_table_t {
+    int key;
+    __u8 leaf;
+    void *(*sk_storage_get)(void *, void *, int);
+    int (*sk_storage_delete)(void *);
+    u32 flags;
+};
+__attribute__((section("maps/sk_storage:" PIN_DIR "/tcp_only")))
+struct tcp_only_table_t tcp_only = {.flags = BPF_F_NO_PREALLOC};
+BPF_ANNOTATE_KV_PAIR(tcp_only, int, __u8);
+
 static __always_inline void count(int which, __u64 n)
 {
     __u64 *v = counters.lookup(&which);
@@ -111,4 +124,118 @@ static __always_inline void ip_from_v6(struct ip_addr *ip, const __u32 w0, const
 }
 
 #endif /* MESHACCEL_LAYOUT_ONLY */
+
+/* ---- Service load balancing (sock_lb.c) ----------------------------------------------------------
+ * A frontend is one (cluster IP, port, protocol) of a Service. Its backends sit in slots
+ * (frontend id, 0..count-1); the agent writes a new slot before it raises `count` and lowers `count`
+ * before it deletes a slot, and every write replaces one hash element whole (RCU), so a connect()
+ * never sees a service with no backends while it has some, nor a slot that was freed under it.
+ * Frontend ids are never reused while the agent runs, so a stale slot never belongs to another
+ * service. Ports are in host byte order. */
+#define LB_MAX_SERVICES 65536  /* frontends */
+#define LB_MAX_SLOTS 262144    /* backend slots, all frontends together */
+#define LB_MAX_BACKENDS 1024   /* slots of one frontend */
+#define LB_MAX_REVERSE 131072  /* (socket, backend) -> frontend, for getpeername and UDP replies */
+#define LB_MAX_AFFINITY 65536  /* (client netns, frontend) -> backend, sessionAffinity ClientIP */
+#define LB_MAX_SKIP 16384      /* client network namespaces that keep the service address */
+
+struct lb_svc_key {
+    struct ip_addr vip;
+    __u16 port;
+    __u8 proto; /* IPPROTO_TCP or IPPROTO_UDP */
+    __u8 pad;
+};
+
+struct lb_svc {
+    __u32 id;               /* frontend id, never 0 */
+    __u32 count;            /* usable slots; 0 = the service exists but has no backend: refuse */
+    __u32 flags;            /* LB_F_* */
+    __u32 affinity_timeout; /* seconds, with LB_F_AFFINITY */
+};
+#define LB_F_AFFINITY 1 /* sessionAffinity: ClientIP */
+
+struct lb_slot_key {
+    __u32 svc_id;
+    __u32 index;
+};
+
+/* An address and port: a backend, or the frontend a backend answers for. */
+struct lb_addr {
+    struct ip_addr ip;
+    __u16 port;
+    __u16 pad;
+    __u32 pad2;
+};
+
+/* (frontend, backend) membership, so an affinity entry is honoured only while its backend serves. */
+struct lb_member_key {
+    __u32 svc_id;
+    __u16 port;
+    __u16 pad;
+    struct ip_addr ip;
+};
+
+struct lb_affinity_key {
+    __u64 netns_cookie; /* the client: one pod = one network namespace (the host = one, too) */
+    __u32 svc_id;
+    __u32 pad;
+};
+
+struct lb_affinity_entry {
+    struct lb_addr backend;
+    __u64 last_ns; /* bpf_ktime_get_ns() of the last connection that used it */
+};
+
+struct lb_rev_key {
+    __u64 cookie; /* socket cookie */
+    struct ip_addr ip;
+    __u16 port;
+    __u16 pad;
+    __u32 pad2;
+};
+
+struct lb_skip_key {
+    __u64 netns_cookie;
+};
+
+struct lb_skip_entry {
+    __u32 reason; /* LB_SKIP_*: why this namespace keeps service addresses (for status) */
+    __u32 pad;
+};
+#define LB_SKIP_EXCLUDED 1 /* meshaccel.io/exclude */
+#define LB_SKIP_ISTIO 2    /* Istio sidecar or ambient: Istio needs the VIP */
+
+enum lb_counter {
+    LB_CNT_TRANSLATED = 0,  /* connect/sendmsg rewritten to a backend */
+    LB_CNT_NO_BACKEND = 1,  /* refused: the service has no usable backend */
+    LB_CNT_SKIPPED = 2,     /* a service address from a namespace in lb_skip */
+    LB_CNT_AFFINITY_HIT = 3,
+    LB_CNT_REVERSED = 4,    /* recvmsg/getpeername answers rewritten back to the service */
+    LB_CNT_SLOT_MISS = 5,   /* a slot vanished under a reader (should stay 0) */
+    LB_CNT_MAX = 8,
+};
+
+#ifndef MESHACCEL_LAYOUT_ONLY
+BPF_TABLE_PINNED7("hash", struct lb_svc_key, struct lb_svc, lb_services, LB_MAX_SERVICES,
+                  PIN_DIR "/lb_services", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED7("hash", struct lb_slot_key, struct lb_addr, lb_slots, LB_MAX_SLOTS, PIN_DIR "/lb_slots",
+                  BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED7("hash", struct lb_member_key, __u32, lb_members, LB_MAX_SLOTS, PIN_DIR "/lb_members",
+                  BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lru_hash", struct lb_rev_key, struct lb_addr, lb_reverse, LB_MAX_REVERSE, PIN_DIR "/lb_reverse");
+BPF_TABLE_PINNED("lru_hash", struct lb_affinity_key, struct lb_affinity_entry, lb_affinity, LB_MAX_AFFINITY,
+                 PIN_DIR "/lb_affinity");
+BPF_TABLE_PINNED7("hash", struct lb_skip_key, struct lb_skip_entry, lb_skip, LB_MAX_SKIP, PIN_DIR "/lb_skip",
+                  BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("percpu_array", int, __u64, lb_counters, LB_CNT_MAX, PIN_DIR "/lb_counters");
+
+static __always_inline void lb_count(int which)
+{
+    __u64 *v = lb_counters.lookup(&which);
+    if (v)
+        *v += 1;
+}
+#endif /* MESHACCEL_LAYOUT_ONLY */
+/* ---- end of service load balancing ---- */
+
 #endif

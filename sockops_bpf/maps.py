@@ -12,11 +12,31 @@ import ctypes as ct
 import ipaddress
 import os
 from collections.abc import Iterator, MutableMapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Generic, TypeVar, cast
 
 from accel.errors import UserError
 from sockops_bpf import libbpf
-from sockops_bpf.layout import CNT_MAX, EP_F_LOOPBACK, Counter, EndpointInfo, IpAddr, SockKey
+from sockops_bpf.layout import (
+    CNT_MAX,
+    EP_F_LOOPBACK,
+    Counter,
+    EndpointInfo,
+    IpAddr,
+    LbAddr,
+    LbAffinityEntry,
+    LbAffinityKey,
+    LbCounter,
+    LbMemberKey,
+    LbRevKey,
+    LbSkipEntry,
+    LbSkipKey,
+    LbSlotKey,
+    LbSvc,
+    LbSvcKey,
+    SockKey,
+)
 
 
 class EndpointMap(MutableMapping[str, int]):
@@ -72,7 +92,14 @@ class PinnedMaps:
         return out
 
     def socket_count(self) -> int:
-        return len(libbpf.map_keys(self._fds["sock_hash"], SockKey))
+        return len(self.socket_keys())
+
+    def socket_keys(self) -> list[SockKey]:
+        return libbpf.map_keys(self._fds["sock_hash"], SockKey)  # type: ignore[return-value]
+
+    def forget_socket(self, key: SockKey) -> bool:
+        """Take one socket out of the fast path (its peer's next verdict falls back to TCP)."""
+        return libbpf.map_delete(self._fds["sock_hash"], key)
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -101,3 +128,153 @@ def _possible_cpus() -> int:
 
 def open_pinned(pin_dir: Path) -> PinnedMaps:
     return PinnedMaps(pin_dir)
+
+
+# ---- Service load balancing maps (maps.h "Service load balancing") ------------------------------
+# Views keyed and valued by small frozen records, so the reconciler never handles ctypes.
+
+LB_MAP_NAMES = ("lb_services", "lb_slots", "lb_members", "lb_reverse", "lb_affinity", "lb_skip", "lb_counters")
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Frontend:
+    """One (cluster IP, port, protocol) of a Service; proto is the IP protocol number (6 TCP, 17 UDP)."""
+
+    vip: str
+    port: int
+    proto: int
+
+    def c(self) -> LbSvcKey:
+        return LbSvcKey(IpAddr.from_ip(self.vip), self.port, self.proto, 0)
+
+    @classmethod
+    def of(cls, k: LbSvcKey) -> Frontend:
+        return cls(str(k.vip.to_ip()), int(k.port), int(k.proto))
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Backend:
+    ip: str
+    port: int
+
+    def c(self) -> LbAddr:
+        return LbAddr(IpAddr.from_ip(self.ip), self.port, 0, 0)
+
+    @classmethod
+    def of(cls, a: LbAddr) -> Backend:
+        return cls(str(a.ip.to_ip()), int(a.port))
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceEntry:
+    id: int
+    count: int
+    flags: int = 0
+    affinity_timeout: int = 0
+
+    def c(self) -> LbSvc:
+        return LbSvc(self.id, self.count, self.flags, self.affinity_timeout)
+
+    @classmethod
+    def of(cls, v: LbSvc) -> ServiceEntry:
+        return cls(int(v.id), int(v.count), int(v.flags), int(v.affinity_timeout))
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class _View(MutableMapping[K, V], Generic[K, V]):
+    """A pinned hash map seen through key/value codecs. Every write is one map syscall."""
+
+    def __init__(self, fd: int, ckey: type[ct.Structure], cval: type[ct.Structure] | type[ct.c_uint32],
+                 enc_key: Any, dec_key: Any, enc_val: Any, dec_val: Any) -> None:
+        self._fd, self._ckey, self._cval = fd, ckey, cval
+        self._ek, self._dk, self._ev, self._dv = enc_key, dec_key, enc_val, dec_val
+
+    def __getitem__(self, key: K) -> V:
+        val = self._cval()
+        if not libbpf.map_lookup(self._fd, self._ek(key), cast(ct.Structure, val)):
+            raise KeyError(key)
+        return cast(V, self._dv(val))
+
+    def __setitem__(self, key: K, value: V) -> None:
+        libbpf.map_update(self._fd, self._ek(key), self._ev(value))
+
+    def __delitem__(self, key: K) -> None:
+        if not libbpf.map_delete(self._fd, self._ek(key)):
+            raise KeyError(key)
+
+    def __iter__(self) -> Iterator[K]:
+        return (cast(K, self._dk(k)) for k in libbpf.map_keys(self._fd, self._ckey))
+
+    def __len__(self) -> int:
+        return len(libbpf.map_keys(self._fd, self._ckey))
+
+
+class LbMaps:
+    """The service LB maps of an instance:
+      services   Frontend -> ServiceEntry          lb_services
+      slots      (frontend id, index) -> Backend   lb_slots
+      members    (frontend id, Backend) -> index   lb_members
+      skip       netns cookie -> LB_SKIP_* reason  lb_skip
+      affinity   (netns cookie, frontend id) -> (Backend, last use ns)   lb_affinity (LRU, kernel-written)
+      reverse    (socket cookie, Backend) -> Backend of the frontend     lb_reverse (LRU, kernel-written)
+    """
+
+    def __init__(self, pin_dir: Path) -> None:
+        self.pin_dir = pin_dir
+        self._fds: dict[str, int] = {}
+        try:
+            for name in LB_MAP_NAMES:
+                self._fds[name] = libbpf.obj_get(str(pin_dir / name))
+        except OSError as e:
+            self.close()
+            raise UserError(f"cannot open service LB maps in {pin_dir} ({e.strerror}); is the instance loaded "
+                            "with sock_lb.c?") from e
+        f = self._fds
+        self.services: MutableMapping[Frontend, ServiceEntry] = _View(
+            f["lb_services"], LbSvcKey, LbSvc, Frontend.c, Frontend.of, ServiceEntry.c, ServiceEntry.of)
+        self.slots: MutableMapping[tuple[int, int], Backend] = _View(
+            f["lb_slots"], LbSlotKey, LbAddr, lambda k: LbSlotKey(*k), lambda k: (int(k.svc_id), int(k.index)),
+            Backend.c, Backend.of)
+        self.members: MutableMapping[tuple[int, Backend], int] = _View(
+            f["lb_members"], LbMemberKey, ct.c_uint32,
+            lambda k: LbMemberKey(k[0], k[1].port, 0, IpAddr.from_ip(k[1].ip)),
+            lambda k: (int(k.svc_id), Backend(str(k.ip.to_ip()), int(k.port))),
+            ct.c_uint32, lambda v: int(v.value))
+        self.skip: MutableMapping[int, int] = _View(
+            f["lb_skip"], LbSkipKey, LbSkipEntry, LbSkipKey, lambda k: int(k.netns_cookie),
+            lambda v: LbSkipEntry(v, 0), lambda v: int(v.reason))
+        self.affinity: MutableMapping[tuple[int, int], tuple[Backend, int]] = _View(
+            f["lb_affinity"], LbAffinityKey, LbAffinityEntry, lambda k: LbAffinityKey(k[0], k[1], 0),
+            lambda k: (int(k.netns_cookie), int(k.svc_id)),
+            lambda v: LbAffinityEntry(v[0].c(), v[1]), lambda v: (Backend.of(v.backend), int(v.last_ns)))
+        self.reverse: MutableMapping[tuple[int, Backend], Backend] = _View(
+            f["lb_reverse"], LbRevKey, LbAddr,
+            lambda k: LbRevKey(k[0], IpAddr.from_ip(k[1].ip), k[1].port, 0, 0),
+            lambda k: (int(k.cookie), Backend(str(k.ip.to_ip()), int(k.port))), Backend.c, Backend.of)
+
+    def counters(self) -> dict[str, int]:
+        possible = _possible_cpus() or os.cpu_count() or 1
+        out = {}
+        for c in LbCounter:
+            vals = (ct.c_uint64 * possible)()
+            libbpf.map_lookup(self._fds["lb_counters"], ct.c_int(int(c)), vals)
+            out[f"lb_{c.name.lower()}"] = int(sum(vals))
+        return out
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> LbMaps:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_lb(pin_dir: Path) -> LbMaps:
+    return LbMaps(pin_dir)

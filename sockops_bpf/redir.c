@@ -3,9 +3,10 @@
  *
  * The verdict is cached for the next REDIRECT_APPLY_BYTES bytes (bpf_msg_apply_bytes), so a
  * stream pays for this program once per that many bytes instead of once per sendmsg().
- * When the peer is not in sock_hash (it was set up before we attached, or is not local), the
- * verdict is "pass" and it is cached the same way: once a connection has sent bytes through TCP
- * it keeps doing so, because mixing the two paths could reorder its bytes at the receiver. */
+ * When the peer is not in sock_hash (not local, gone, or not yet inserted because its side of the
+ * handshake is still in flight), the verdict is "pass" and the socket is marked tcp_only: once a
+ * connection has sent bytes through TCP it keeps doing so, because the receiver reads redirected
+ * bytes before TCP ones and mixing the two paths could reorder the stream. */
 
 #ifndef REDIRECT_APPLY_BYTES
 #define REDIRECT_APPLY_BYTES 1073741824 /* 1 GiB */
@@ -13,6 +14,15 @@
 
 int mesh_redir(struct sk_msg_md *msg)
 {
+    struct bpf_sock *sk = msg->sk;
+    if (!sk)
+        return SK_PASS;
+    if (REDIRECT_APPLY_BYTES)
+        bpf_msg_apply_bytes(msg, REDIRECT_APPLY_BYTES);
+    __u8 *pinned = tcp_only.sk_storage_get(sk, 0, 0);
+    if (pinned)
+        return SK_PASS;
+
     struct sock_key peer;
     __builtin_memset(&peer, 0, sizeof(peer));
     /* The peer's own key is ours mirrored: its src is our dst. */
@@ -34,13 +44,15 @@ int mesh_redir(struct sk_msg_md *msg)
     if (ep && (ep->flags & EP_F_LOOPBACK))
         peer.netns_cookie = bpf_get_netns_cookie(msg);
 
-    if (REDIRECT_APPLY_BYTES)
-        bpf_msg_apply_bytes(msg, REDIRECT_APPLY_BYTES);
     int verdict = sock_hash.msg_redirect_hash(msg, &peer, BPF_F_INGRESS);
     if (verdict == SK_PASS) {
         count(CNT_REDIRECT_VERDICTS, 1);
         count(CNT_VERDICT_BYTES, msg->size);
     } else {
+        __u8 one = 1;
+        __u8 *mark = tcp_only.sk_storage_get(sk, &one, BPF_SK_STORAGE_GET_F_CREATE);
+        if (mark)
+            *mark = 1;
         count(CNT_FALLBACKS, 1);
     }
     return SK_PASS;

@@ -224,6 +224,14 @@ class FakeApiServer:
             self._bookmark_epoch += 1
             self._cond.notify_all()
 
+    def inject_raw(self, kind: str, line: bytes) -> None:
+        """Stream `line` to the watches of `kind` as if it were an event (a broken proxy, say)."""
+        with self._cond:
+            self._seq += 1
+            self._token(self._seq)
+            self._history[kind].append((self._seq, line))
+            self._cond.notify_all()
+
     def count(self, what: str) -> int:
         with self._cond:
             return self.requests.get(what, 0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
 import subprocess
 import sys
 import time
@@ -11,7 +13,8 @@ from typing import Any
 import pytest
 
 from accel.lab import Lab
-from sockops_bpf import loader
+from sockops_bpf import libbpf, loader
+from sockops_bpf.layout import MAPS
 from sockops_bpf.maps import open_pinned
 from tests import traffic
 
@@ -94,16 +97,46 @@ def test_detach_and_reload_while_50_connections_stream(make_lab: Callable[..., A
     traffic.finish(t, 50)
 
 
-def test_uninstall_while_streaming_loses_nothing(make_lab: Callable[..., Any]) -> None:
-    """Removing every attachment and pin under live spliced connections: they fall back to TCP."""
+def test_uninstall_keeps_live_spliced_connections_until_they_close(make_lab: Callable[..., Any]) -> None:
+    """Unpinning under live spliced sockets would drop their queued bytes: uninstall stops new
+    splicing at once, keeps the maps while connections remain, and finishes once they are closed."""
     lab: Lab = make_lab(2)
     t = traffic.start(lab, "pod1", "pod2", lab.pod("pod1").ipv4, 9007, conns=20, msgs=100, max_size=64 * 1024,
                       pause=0.03)
     time.sleep(0.5)
-    lab.detach_bpf()
+    left = loader.uninstall(lab.instance, drain_seconds=0.2)
+    assert left >= 40
+    assert not (loader.pin_dir(lab.instance) / "link_sockops").exists()  # detached: no new splicing
+    assert (loader.pin_dir(lab.instance) / "sock_hash").exists()
     assert t.client is not None and t.client.poll() is None, "streams ended before the uninstall"
-    assert not loader.pin_dir(lab.instance).exists()
     traffic.finish(t, 20)
+    assert loader.uninstall(lab.instance, drain_seconds=5) == 0
+    assert not loader.pin_dir(lab.instance).exists()
+
+
+def test_unmanaged_peer_falls_back_to_tcp(make_lab: Callable[..., Any]) -> None:
+    """The server runs in pod1's network namespace but outside any cgroup we attach to, so only the
+    client side is spliced: its sends find no peer, fall back to TCP and stay there."""
+    lab: Lab = make_lab(2, attach=False)
+    lab.attach_bpf({"REDIRECT_APPLY_BYTES": "4096"})  # re-run verdicts often: stickiness is exercised
+    t = traffic.start(lab, "pod1", "pod2", lab.pod("pod1").ipv4, 9008, conns=10, msgs=20, max_size=256 * 1024,
+                      server_in_pod_cgroup=False)
+    traffic.finish(t, 10)
+    c = counters(lab)
+    assert c["sockets_inserted"] == 10, c  # client sides only
+    assert c["fallbacks"] == 10, c  # one miss per socket, then tcp_only
+    assert c["redirect_verdicts"] == 0, c
+
+
+def test_kernel_map_sizes_match_the_python_mirror(make_lab: Callable[..., Any]) -> None:
+    lab: Lab = make_lab(1)
+    for name, (key_type, value_type) in MAPS.items():
+        fd = libbpf.obj_get(str(loader.pin_dir(lab.instance) / name))
+        try:
+            info = libbpf.map_info(fd)
+        finally:
+            os.close(fd)
+        assert (info.key_size, info.value_size) == (ctypes.sizeof(key_type), ctypes.sizeof(value_type)), name
 
 
 def test_status_shows_attachments_maps_and_counters(make_lab: Callable[..., Any]) -> None:

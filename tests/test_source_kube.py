@@ -227,3 +227,13 @@ def test_bad_kubeconfig_is_a_user_error(tmp_path: Path) -> None:
     (tmp_path / "kc").write_text("not: [a kubeconfig")
     with pytest.raises(UserError, match="cannot load Kubernetes config"):
         load_api_client(str(tmp_path / "kc"))
+
+
+def test_garbled_watch_stream_relists(srv: FakeApiServer, agent: tuple[Agent, dict[str, int]]) -> None:
+    a, table = agent
+    assert srv.wait_for_watchers(["Pod"])
+    srv.inject_raw("Pod", b'["not", "an", "event"]\n')
+    srv.apply(pod("after-garbage", "10.0.4.1"))
+    assert wait_until(lambda: model_equals_server(a, srv) and "10.0.4.1" in table)
+    assert a.metrics.errors.labels("source", "watch_garbled")._value.get() >= 1
+    assert srv.count("list Pod") == 2 and a.healthy()

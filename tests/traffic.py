@@ -18,11 +18,12 @@ class Traffic:
 
 
 def start(lab: Lab, server_pod: str, client_pod: str, host: str, port: int, conns: int, msgs: int,
-          max_size: int, half_close: bool = False, pause: float = 0.0, seed: int = 7) -> Traffic:
+          max_size: int, half_close: bool = False, pause: float = 0.0, seed: int = 7,
+          server_in_pod_cgroup: bool = True) -> Traffic:
     common = ["--host", host, "--port", str(port), "--conns", str(conns), "--msgs", str(msgs),
               "--max-size", str(max_size), "--pause", str(pause)] + (["--half-close"] if half_close else [])
     server = lab.popen(server_pod, [sys.executable, "-m", "accel.lab_traffic", "serve", *common],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                       in_cgroup=server_in_pod_cgroup, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert server.stdout is not None
     first = server.stdout.readline()  # the server says when it listens
     assert "listening" in first, f"server did not start: {first!r} {server.stderr.read() if server.stderr else ''}"

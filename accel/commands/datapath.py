@@ -15,6 +15,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=cmd_load)
     u = sub.add_parser("uninstall", help="remove every attachment and pin")
     u.add_argument("--instance", help="only this instance (default: all)")
+    u.add_argument("--drain-seconds", type=float, default=30.0,
+                   help="wait this long for spliced connections to close (default 30)")
+    u.add_argument("--force", action="store_true",
+                   help="unpin even while spliced connections remain (their in-flight bytes may be lost)")
     u.set_defaults(func=cmd_uninstall)
 
 
@@ -27,9 +31,15 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 def cmd_uninstall(args: argparse.Namespace) -> int:
     names = [args.instance] if args.instance else loader.instances()
+    pending = 0
     for n in names:
-        loader.uninstall(n)
-        print(f"instance {n}: detached and unpinned")
+        left = loader.uninstall(n, force=args.force, drain_seconds=args.drain_seconds)
+        if left:
+            pending += 1
+            print(f"instance {n}: detached (no new splicing), but {left} spliced connection(s) are still open;"
+                  " their maps stay pinned so they keep working. Run again once they close, or use --force.")
+        else:
+            print(f"instance {n}: detached and unpinned")
     if not names:
         print("nothing to uninstall")
-    return 0
+    return 1 if pending else 0

@@ -189,8 +189,7 @@ class _Watcher:
     def close(self) -> None:
         with self._lock:
             if self._resp is not None:
-                # Unblocks a read in progress on the watch thread.
-                self._resp.shutdown()
+                _shutdown(self._resp)
 
     def run(self) -> None:
         delay = self.src.backoff_initial
@@ -205,7 +204,13 @@ class _Watcher:
                 log.info("event=watch_expired kind=%s rv=%s detail=%r action=relist", self.res.kind, self.rv, str(e)[:120])
                 self.sink.stat("relist", self.res.kind)
                 self.rv = None
-            except (ApiException, urllib3.exceptions.HTTPError, OSError, ValueError) as e:
+            except ValueError as e:  # a line that is not a watch event: resuming would replay it, so relist
+                self.sink.problem("watch_garbled", f"kind={self.res.kind} rv={self.rv} error={_short(e)}; relisting")
+                self.rv = None
+                if self.stop.wait(delay):
+                    return
+                delay = min(self.src.backoff_max, delay * 2)
+            except (ApiException, urllib3.exceptions.HTTPError, OSError) as e:
                 if self.stop.is_set():
                     return
                 self.sink.problem("watch_failed", f"kind={self.res.kind} rv={self.rv} error={_short(e)} "
@@ -213,6 +218,13 @@ class _Watcher:
                 self.sink.stat("reconnect", self.res.kind)
                 # Jitter keeps many agents from reconnecting in lockstep after an API server restart.
                 if self.stop.wait(delay * random.uniform(0.5, 1.0)):
+                    return
+                delay = min(self.src.backoff_max, delay * 2)
+            except Exception as e:  # a bug or a shape we never expected: never stop following the kind
+                log.exception("event=watch_bug kind=%s action=relist", self.res.kind)
+                self.sink.problem("watch_failed", f"kind={self.res.kind} unexpected error={_short(e)}; relisting")
+                self.rv = None
+                if self.stop.wait(delay):
                     return
                 delay = min(self.src.backoff_max, delay * 2)
 
@@ -271,7 +283,7 @@ class _Watcher:
         with self._lock:
             self._resp = resp
         if self.stop.is_set():
-            resp.shutdown()
+            _shutdown(resp)
         try:
             for line in _lines(resp):
                 self._handle(line)
@@ -282,8 +294,10 @@ class _Watcher:
 
     def _handle(self, line: bytes) -> None:
         ev = json.loads(line)
+        if not isinstance(ev, dict) or not isinstance(ev.get("object"), dict):
+            raise ValueError(f"watch event is not an object with an object: {line[:100]!r}")
         type_ = ev.get("type")
-        obj = ev.get("object") or {}
+        obj = ev["object"]
         if type_ == "ERROR":
             code = obj.get("code")
             if code == 410:
@@ -306,6 +320,15 @@ class _Watcher:
             self.sink.problem("watch_unknown_event", f"kind={self.res.kind} type={type_!r}; ignored")
         if rv:
             self.rv = str(rv)  # opaque: the last one seen is where we resume, whatever its value
+
+
+def _shutdown(resp: urllib3.BaseHTTPResponse) -> None:
+    """Unblock a read in progress on the watch thread (at stop). A stream not yet reading has no
+    socket to shut down: then the thread sees the stop flag on its own."""
+    try:
+        resp.shutdown()  # type: ignore[attr-defined]
+    except (ValueError, OSError, AttributeError):
+        pass
 
 
 def _lines(resp: urllib3.BaseHTTPResponse) -> Iterator[bytes]:

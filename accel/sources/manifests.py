@@ -43,6 +43,9 @@ class ManifestSource:
                 self.scan(sink)
             except OSError as e:
                 sink.problem("manifest_folder_unreadable", f"folder={self.folder} error={e!r}")
+            except Exception as e:  # e.g. YAML nested too deep: report, keep polling, keep what we have
+                log.exception("event=manifest_scan_failed folder=%s", self.folder)
+                sink.problem("manifest_invalid", f"folder={self.folder} error={e!r}")
             if first:
                 sink.synced()
                 first = False

@@ -12,6 +12,7 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import NamedTuple
 
 EMPTY_MAP: Mapping[str, str] = MappingProxyType({})
 
@@ -35,6 +36,9 @@ class Kind(enum.StrEnum):
     PEER_AUTHENTICATION = "PeerAuthentication"
     HTTP_ROUTE = "HTTPRoute"
 
+    # Enum's own __hash__ is Python code; keys are hashed on every model lookup, so use str's (same value).
+    __hash__ = str.__hash__
+
 
 class MtlsMode(enum.StrEnum):
     """`meshaccel.io/mtls` values (DESIGN.md: Transparent mTLS)."""
@@ -44,9 +48,9 @@ class MtlsMode(enum.StrEnum):
     DISABLE = "disable"
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class ObjectKey:
-    """Identifies one object of one kind; namespace is "" for cluster-scoped kinds."""
+class ObjectKey(NamedTuple):
+    """Identifies one object of one kind; namespace is "" for cluster-scoped kinds.
+    A NamedTuple rather than a dataclass: hashing and comparing keys is the model's hottest path."""
 
     kind: Kind
     namespace: str

@@ -1,0 +1,254 @@
+/* sock_lb: socket-level service load balancing (kube-proxy's job, done once per connect()).
+ *
+ * connect4/6   TCP and connected UDP: a service address (cluster IP, port, protocol) becomes one of
+ *              its backends before the socket ever sends a packet; no per-packet NAT, no conntrack.
+ * sendmsg4/6   the same for unconnected UDP (DNS to the cluster DNS service).
+ * recvmsg4/6   UDP replies: the backend's address is shown to the application as the service's.
+ * getpeername4/6  the application sees the service address it asked for.
+ *
+ * The reverse direction uses lb_reverse, keyed by (socket cookie, backend): written at translation,
+ * read by recvmsg/getpeername, evicted by LRU when sockets are long gone.
+ * A service with no usable backend makes connect()/sendmsg() fail at once with ECONNREFUSED
+ * (bpf_set_retval; a bare `return 0` would say EPERM). Namespaces in lb_skip (pods Istio handles,
+ * pods labelled meshaccel.io/exclude) keep the service address. */
+
+#ifndef ECONNREFUSED
+#define ECONNREFUSED 111
+#endif
+
+/* bcc declares bpf_get_socket_cookie as returning u32; the cookie is 64 bits. */
+static __u64 (*lb_socket_cookie)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie;
+
+#define LB_PASS 0       /* not a service, or a client that keeps service addresses */
+#define LB_TRANSLATED 1 /* *out holds the backend */
+#define LB_REFUSE 2     /* a service with no usable backend */
+
+static __always_inline int lb_pick(struct bpf_sock_addr *ctx, struct lb_svc_key *key, struct lb_addr *out)
+{
+    struct lb_svc *svc = lb_services.lookup(key);
+    if (!svc)
+        return LB_PASS;
+    struct lb_skip_key skey = {};
+    skey.netns_cookie = bpf_get_netns_cookie(ctx);
+    struct lb_skip_entry *skip = lb_skip.lookup(&skey);
+    if (skip) {
+        lb_count(LB_CNT_SKIPPED);
+        return LB_PASS;
+    }
+    /* One read of the value: id, count and flags come from the same version of the entry. */
+    __u32 id = svc->id;
+    __u32 count = svc->count;
+    __u32 flags = svc->flags;
+    __u64 timeout_ns = (__u64)svc->affinity_timeout * 1000000000ULL;
+    if (count == 0) {
+        lb_count(LB_CNT_NO_BACKEND);
+        return LB_REFUSE;
+    }
+
+    struct lb_affinity_key akey = {};
+    __u64 now = 0;
+    if (flags & LB_F_AFFINITY) {
+        akey.netns_cookie = skey.netns_cookie;
+        akey.svc_id = id;
+        now = bpf_ktime_get_ns();
+        struct lb_affinity_entry *a = lb_affinity.lookup(&akey);
+        if (a && now - a->last_ns < timeout_ns) {
+            /* Honour it only while that backend still serves this frontend. */
+            struct lb_member_key m = {};
+            m.svc_id = id;
+            m.port = a->backend.port;
+            __builtin_memcpy(&m.ip, &a->backend.ip, sizeof(m.ip));
+            __u32 *member = lb_members.lookup(&m);
+            if (member) {
+                __builtin_memcpy(out, &a->backend, sizeof(*out));
+                a->last_ns = now; /* kube-proxy's timeout counts from the last connection, too */
+                lb_count(LB_CNT_AFFINITY_HIT);
+                return LB_TRANSLATED;
+            }
+        }
+    }
+
+    struct lb_slot_key sk = {};
+    sk.svc_id = id;
+    sk.index = bpf_get_prandom_u32() % count;
+    struct lb_addr *be = lb_slots.lookup(&sk);
+    if (!be) {
+        /* The agent lowered count and deleted this slot after we read count: slot 0 goes last. */
+        lb_count(LB_CNT_SLOT_MISS);
+        sk.index = 0;
+        be = lb_slots.lookup(&sk);
+        if (!be)
+            return LB_REFUSE;
+    }
+    __builtin_memcpy(out, be, sizeof(*out));
+    if (flags & LB_F_AFFINITY) {
+        struct lb_affinity_entry e = {};
+        __builtin_memcpy(&e.backend, be, sizeof(e.backend));
+        e.last_ns = now;
+        lb_affinity.update(&akey, &e);
+    }
+    return LB_TRANSLATED;
+}
+
+/* Remember which frontend this socket's backend stands for (recvmsg, getpeername). */
+static __always_inline void lb_remember(void *ctx, struct lb_addr *be, struct lb_svc_key *key)
+{
+    struct lb_rev_key rk = {};
+    rk.cookie = lb_socket_cookie(ctx);
+    __builtin_memcpy(&rk.ip, &be->ip, sizeof(rk.ip));
+    rk.port = be->port;
+    struct lb_addr front = {};
+    __builtin_memcpy(&front.ip, &key->vip, sizeof(front.ip));
+    front.port = key->port;
+    lb_reverse.update(&rk, &front);
+}
+
+static __always_inline struct lb_addr *lb_lookup_reverse(void *ctx, struct lb_rev_key *rk)
+{
+    rk->cookie = lb_socket_cookie(ctx);
+    struct lb_addr *front = lb_reverse.lookup(rk);
+    if (front)
+        lb_count(LB_CNT_REVERSED);
+    return front;
+}
+
+static __always_inline __u16 lb_port(struct bpf_sock_addr *ctx)
+{
+    return bpf_ntohs((__u16)CTX_U32(ctx->user_port));
+}
+
+/* Forward translation for an IPv4 destination; 1 = let the call proceed, 0 = refuse it. */
+static __always_inline int lb_forward4(struct bpf_sock_addr *ctx, __u32 proto)
+{
+    struct lb_svc_key key = {};
+    ip_from_v4(&key.vip, CTX_U32(ctx->user_ip4));
+    key.port = lb_port(ctx);
+    key.proto = (__u8)proto;
+    struct lb_addr be = {};
+    int r = lb_pick(ctx, &key, &be);
+    if (r == LB_PASS)
+        return 1;
+    if (r == LB_REFUSE) {
+        bpf_set_retval(-ECONNREFUSED);
+        return 0;
+    }
+    __u32 ip4;
+    __builtin_memcpy(&ip4, &be.ip.addr[12], 4);
+    ctx->user_ip4 = ip4;
+    ctx->user_port = (__u32)bpf_htons(be.port);
+    lb_remember(ctx, &be, &key);
+    lb_count(LB_CNT_TRANSLATED);
+    return 1;
+}
+
+static __always_inline int lb_forward6(struct bpf_sock_addr *ctx, __u32 proto)
+{
+    struct lb_svc_key key = {};
+    ip_from_v6(&key.vip, CTX_U32(ctx->user_ip6[0]), CTX_U32(ctx->user_ip6[1]), CTX_U32(ctx->user_ip6[2]),
+               CTX_U32(ctx->user_ip6[3]));
+    key.port = lb_port(ctx);
+    key.proto = (__u8)proto;
+    struct lb_addr be = {};
+    int r = lb_pick(ctx, &key, &be);
+    if (r == LB_PASS)
+        return 1;
+    if (r == LB_REFUSE) {
+        bpf_set_retval(-ECONNREFUSED);
+        return 0;
+    }
+    __u32 w[4];
+    __builtin_memcpy(w, be.ip.addr, 16);
+    ctx->user_ip6[0] = w[0];
+    ctx->user_ip6[1] = w[1];
+    ctx->user_ip6[2] = w[2];
+    ctx->user_ip6[3] = w[3];
+    ctx->user_port = (__u32)bpf_htons(be.port);
+    lb_remember(ctx, &be, &key);
+    lb_count(LB_CNT_TRANSLATED);
+    return 1;
+}
+
+/* Reverse translation: the peer address the kernel is about to hand out becomes the service's. */
+static __always_inline void lb_reverse4(struct bpf_sock_addr *ctx)
+{
+    struct lb_rev_key rk = {};
+    ip_from_v4(&rk.ip, CTX_U32(ctx->user_ip4));
+    rk.port = lb_port(ctx);
+    struct lb_addr *front = lb_lookup_reverse(ctx, &rk);
+    if (!front)
+        return;
+    __u32 ip4;
+    __builtin_memcpy(&ip4, &front->ip.addr[12], 4);
+    ctx->user_ip4 = ip4;
+    ctx->user_port = (__u32)bpf_htons(front->port);
+}
+
+static __always_inline void lb_reverse6(struct bpf_sock_addr *ctx)
+{
+    struct lb_rev_key rk = {};
+    ip_from_v6(&rk.ip, CTX_U32(ctx->user_ip6[0]), CTX_U32(ctx->user_ip6[1]), CTX_U32(ctx->user_ip6[2]),
+               CTX_U32(ctx->user_ip6[3]));
+    rk.port = lb_port(ctx);
+    struct lb_addr *front = lb_lookup_reverse(ctx, &rk);
+    if (!front)
+        return;
+    __u32 w[4];
+    __builtin_memcpy(w, front->ip.addr, 16);
+    ctx->user_ip6[0] = w[0];
+    ctx->user_ip6[1] = w[1];
+    ctx->user_ip6[2] = w[2];
+    ctx->user_ip6[3] = w[3];
+    ctx->user_port = (__u32)bpf_htons(front->port);
+}
+
+static __always_inline __u32 lb_proto(struct bpf_sock_addr *ctx)
+{
+    __u32 proto = CTX_U32(ctx->protocol);
+    return (proto == IPPROTO_TCP || proto == IPPROTO_UDP) ? proto : 0;
+}
+
+int lb_connect4(struct bpf_sock_addr *ctx)
+{
+    __u32 proto = lb_proto(ctx);
+    return proto ? lb_forward4(ctx, proto) : 1;
+}
+
+int lb_connect6(struct bpf_sock_addr *ctx)
+{
+    __u32 proto = lb_proto(ctx);
+    return proto ? lb_forward6(ctx, proto) : 1;
+}
+
+int lb_sendmsg4(struct bpf_sock_addr *ctx)
+{
+    return lb_forward4(ctx, IPPROTO_UDP);
+}
+
+int lb_sendmsg6(struct bpf_sock_addr *ctx)
+{
+    return lb_forward6(ctx, IPPROTO_UDP);
+}
+
+int lb_recvmsg4(struct bpf_sock_addr *ctx)
+{
+    lb_reverse4(ctx);
+    return 1;
+}
+
+int lb_recvmsg6(struct bpf_sock_addr *ctx)
+{
+    lb_reverse6(ctx);
+    return 1;
+}
+
+int lb_getpeername4(struct bpf_sock_addr *ctx)
+{
+    lb_reverse4(ctx);
+    return 1;
+}
+
+int lb_getpeername6(struct bpf_sock_addr *ctx)
+{
+    lb_reverse6(ctx);
+    return 1;
+}
