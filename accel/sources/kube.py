@@ -9,6 +9,7 @@ capped exponential backoff and jitter. Istio and Gateway API kinds are read only
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -325,10 +326,8 @@ class _Watcher:
 def _shutdown(resp: urllib3.BaseHTTPResponse) -> None:
     """Unblock a read in progress on the watch thread (at stop). A stream not yet reading has no
     socket to shut down: then the thread sees the stop flag on its own."""
-    try:
+    with contextlib.suppress(ValueError, OSError, AttributeError):
         resp.shutdown()  # type: ignore[attr-defined]
-    except (ValueError, OSError, AttributeError):
-        pass
 
 
 def _lines(resp: urllib3.BaseHTTPResponse) -> Iterator[bytes]:

@@ -1,0 +1,492 @@
+"""`python -m bench servicelb [--services N ...] [--json]`: socket-level service LB (sock_lb.c driven by
+accel.servicelb through the state model) against kube-proxy's own rule layouts, in one run on one lab.
+
+Baselines, reproduced in the client pod's network namespace (kube-proxy's rules live in the node's
+namespace and catch pod traffic in PREROUTING and host traffic in OUTPUT; the client here is a
+process in that namespace, so OUTPUT):
+- iptables mode, as kube-proxy >= 1.28 writes it (KUBE-SERVICES -> KUBE-SVC-* -> KUBE-SEP-*, statistic
+  random, MARK/MASQUERADE), applied with `iptables-restore --noflush --counters` on the legacy and the
+  nft backend. One change = kube-proxy's partial sync: the filter chains, all of KUBE-SERVICES and
+  the changed service's chains.
+- nftables mode, as kube-proxy >= 1.31 writes it (table ip kube-proxy, service-ips verdict map, numgen
+  vmaps to endpoint chains), through `nft -f`. One change = the transaction for that service.
+Candidate: the same services in the lb_* maps; one change = ClusterState.apply() of the Service or
+EndpointSlice event, which runs the reconciler's map writes.
+
+(a) time to apply one service change to the last-added service (add it, add a third endpoint,
+    remove it again): median of the samples;
+(b) connect() + first byte from the most recently added service (its KUBE-SERVICES rule is the
+    last one), p50/p99 over --conns connections from a pod to two backend pods.
+The sockmap fast path is left out of the candidate (its pods are not registered as local
+endpoints), so both sides carry the bytes over the same veth/bridge path: only the LB differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from accel.lab import V4_NET, Lab
+from accel.servicelb import ServiceLBReconciler
+from accel.state.model import (
+    EMPTY_MAP,
+    Endpoint,
+    EndpointPort,
+    EndpointSlice,
+    Event,
+    EventType,
+    Service,
+    ServicePort,
+    frozen_map,
+)
+from accel.state.store import ClusterState
+from bench.common import machine, median, percentile, report
+from sockops_bpf import loader
+from sockops_bpf.maps import open_lb, open_pinned
+
+NODE = "lab-node"
+BACKEND_PORT = 8080
+CLUSTER_CIDR = str(V4_NET)
+MODES = ("iptables-legacy", "iptables-nft", "nftables")
+
+SERVER = r"""
+import socket, struct, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(4096)
+print("ready", flush=True)
+linger = struct.pack("ii", 1, 0)
+while True:
+    c, _ = s.accept()
+    c.sendall(b"x")
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+    c.close()
+"""
+
+# connect() + first byte, one connection at a time; closes with RST so no TIME_WAIT piles up.
+CLIENT = r"""
+import json, socket, struct, sys, time
+host, port, n, warm = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+linger = struct.pack("ii", 1, 0)
+out, errors = [], 0
+for i in range(warm + n):
+    s = socket.socket()
+    t0 = time.perf_counter_ns()
+    try:
+        s.connect((host, port))
+        if s.recv(1) != b"x":
+            raise OSError("short read")
+        t1 = time.perf_counter_ns()
+        if i >= warm:
+            out.append(t1 - t0)
+    except OSError:
+        errors += 1
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+    s.close()
+print(json.dumps({"ns": out, "errors": errors}))
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Svc:
+    name: str
+    vip: str
+    endpoints: tuple[str, ...]  # backend IPs, port BACKEND_PORT
+
+    @property
+    def port_name(self) -> str:  # kube-proxy's ServicePortName string
+        return f"default/{self.name}:http"
+
+
+def vip_of(i: int) -> str:
+    return f"10.96.{i // 250}.{i % 250 + 1}"
+
+
+def fake_endpoints(i: int) -> tuple[str, ...]:
+    """Endpoints of the services nothing connects to: addresses no packet is ever sent to."""
+    return (f"10.244.{i // 250}.{i % 250 + 1}", f"10.245.{i // 250}.{i % 250 + 1}")
+
+
+# ---- kube-proxy, iptables mode ----------------------------------------------------------------
+
+
+def _hash16(prefix: str, text: str) -> str:
+    """kube-proxy's chain names: prefix + first 16 chars of base32(sha256(...))."""
+    return prefix + base64.b32encode(hashlib.sha256(text.encode()).digest()).decode()[:16]
+
+
+def _svc_chain(s: Svc) -> str:
+    return _hash16("KUBE-SVC-", s.port_name + "tcp")
+
+
+def _sep_chain(s: Svc, ip: str) -> str:
+    return _hash16("KUBE-SEP-", s.port_name + "tcp" + f"{ip}:{BACKEND_PORT}")
+
+
+FILTER_TABLE = """*filter
+:KUBE-NODEPORTS - [0:0]
+:KUBE-SERVICES - [0:0]
+:KUBE-EXTERNAL-SERVICES - [0:0]
+:KUBE-FIREWALL - [0:0]
+:KUBE-FORWARD - [0:0]
+:KUBE-PROXY-FIREWALL - [0:0]
+-A KUBE-FIREWALL -m comment --comment "block incoming localnet connections" -d 127.0.0.0/8 ! -s 127.0.0.0/8 \
+-m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP
+-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
+-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark 0x4000/0x4000 -j ACCEPT
+-A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED \
+-j ACCEPT
+COMMIT
+"""
+
+BASE_JUMPS = """*filter
+-A INPUT -m conntrack --ctstate NEW -m comment --comment "kubernetes load balancer firewall" -j KUBE-PROXY-FIREWALL
+-A INPUT -m comment --comment "kubernetes health check service ports" -j KUBE-NODEPORTS
+-A INPUT -m conntrack --ctstate NEW -m comment --comment "kubernetes externally-visible service portals" \
+-j KUBE-EXTERNAL-SERVICES
+-A INPUT -j KUBE-FIREWALL
+-A FORWARD -m comment --comment "kubernetes forwarding rules" -j KUBE-FORWARD
+-A FORWARD -m conntrack --ctstate NEW -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+-A OUTPUT -m conntrack --ctstate NEW -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+-A OUTPUT -j KUBE-FIREWALL
+COMMIT
+*nat
+-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+-A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING
+COMMIT
+"""
+
+
+def _svc_rules(s: Svc) -> tuple[list[str], list[str]]:
+    """(chain declarations, rules) of one service's KUBE-SVC and KUBE-SEP chains."""
+    svc = _svc_chain(s)
+    chains = [f":{svc} - [0:0]"] + [f":{_sep_chain(s, ip)} - [0:0]" for ip in s.endpoints]
+    c = f'-m comment --comment "{s.port_name} cluster IP"'
+    rules = [f"-A {svc} {c} -m tcp -p tcp -d {s.vip}/32 --dport 80 ! -s {CLUSTER_CIDR} -j KUBE-MARK-MASQ"]
+    n = len(s.endpoints)
+    for k, ip in enumerate(s.endpoints):
+        cm = f'-m comment --comment "{s.port_name} -> {ip}:{BACKEND_PORT}"'
+        prob = f" -m statistic --mode random --probability {1.0 / (n - k):.10f}" if k < n - 1 else ""
+        rules.append(f"-A {svc} {cm}{prob} -j {_sep_chain(s, ip)}")
+    for ip in s.endpoints:
+        sep = _sep_chain(s, ip)
+        rules.append(f"-A {sep} -m comment --comment {s.port_name} -s {ip}/32 -j KUBE-MARK-MASQ")
+        rules.append(f"-A {sep} -m comment --comment {s.port_name} -m tcp -p tcp -j DNAT "
+                     f"--to-destination {ip}:{BACKEND_PORT}")
+    return chains, rules
+
+
+def iptables_sync(services: list[Svc], changed: list[Svc] | None, stale: Sequence[str] = ()) -> str:
+    """kube-proxy's restore input: every chain when `changed` is None (full sync), else a partial sync
+    that rewrites the filter chains, all of KUBE-SERVICES and only the changed services' chains."""
+    nat_chains = [":KUBE-NODEPORTS - [0:0]", ":KUBE-SERVICES - [0:0]", ":KUBE-MARK-MASQ - [0:0]",
+                  ":KUBE-POSTROUTING - [0:0]"]
+    nat_rules = ["-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN",
+                 "-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000",
+                 '-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" '
+                 "-j MASQUERADE --random-fully",
+                 "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000"]
+    for s in services:
+        nat_rules.append(f'-A KUBE-SERVICES -m comment --comment "{s.port_name} cluster IP" -m tcp -p tcp '
+                         f"-d {s.vip}/32 --dport 80 -j {_svc_chain(s)}")
+    for s in services if changed is None else changed:
+        ch, ru = _svc_rules(s)
+        nat_chains += ch
+        nat_rules += ru
+    nat_rules.append('-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the '
+                     'last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS')
+    nat_chains += [f":{c} - [0:0]" for c in stale]  # declared (= flushed), then deleted, as kube-proxy does
+    nat_rules += [f"-X {c}" for c in stale]
+    return FILTER_TABLE + "*nat\n" + "\n".join(nat_chains + nat_rules) + "\nCOMMIT\n"
+
+
+# ---- kube-proxy, nftables mode ------------------------------------------------------------------
+
+
+def _hash8(text: str) -> str:
+    return base64.b32encode(hashlib.sha256(text.encode()).digest()).decode()[:8]
+
+
+def _nft_svc_chain(s: Svc) -> str:
+    tail = f"default/{s.name}/tcp/http"
+    return f"service-{_hash8(tail)}-{tail}"
+
+
+def _nft_ep_chain(s: Svc, ip: str) -> str:
+    tail = f"default/{s.name}/tcp/http__{ip}/{BACKEND_PORT}"
+    return f"endpoint-{_hash8(tail)}-{tail}"
+
+
+NFT_BASE = f"""add table ip kube-proxy {{ comment "rules for kube-proxy" ; }}
+add chain ip kube-proxy mark-for-masquerade
+add rule ip kube-proxy mark-for-masquerade mark set mark or 0x4000
+add chain ip kube-proxy masquerading
+add rule ip kube-proxy masquerading mark and 0x4000 == 0 return
+add rule ip kube-proxy masquerading mark set mark xor 0x4000
+add rule ip kube-proxy masquerading masquerade fully-random
+add set ip kube-proxy cluster-ips {{ type ipv4_addr ; comment "Active ClusterIPs" ; }}
+add map ip kube-proxy service-ips {{ type ipv4_addr . inet_proto . inet_service : verdict ; comment "ClusterIP, \
+ExternalIP and LoadBalancer IP traffic" ; }}
+add map ip kube-proxy no-endpoint-services {{ type ipv4_addr . inet_proto . inet_service : verdict ; comment "vmap \
+to drop or reject packets to services with no endpoints" ; }}
+add chain ip kube-proxy services
+add rule ip kube-proxy services ip daddr . meta l4proto . th dport vmap @service-ips
+add chain ip kube-proxy service-endpoints-check
+add rule ip kube-proxy service-endpoints-check ip daddr . meta l4proto . th dport vmap @no-endpoint-services
+add chain ip kube-proxy cluster-ips-check
+add rule ip kube-proxy cluster-ips-check ip daddr @cluster-ips reject comment "Reject traffic to invalid ports of \
+ClusterIPs"
+add chain ip kube-proxy filter-output {{ type filter hook output priority -110 ; }}
+add rule ip kube-proxy filter-output ct state new jump service-endpoints-check
+add rule ip kube-proxy filter-output ct state new jump cluster-ips-check
+add chain ip kube-proxy filter-forward {{ type filter hook forward priority -110 ; }}
+add rule ip kube-proxy filter-forward ct state new jump service-endpoints-check
+add rule ip kube-proxy filter-forward ct state new jump cluster-ips-check
+add chain ip kube-proxy nat-prerouting {{ type nat hook prerouting priority -100 ; }}
+add rule ip kube-proxy nat-prerouting jump services
+add chain ip kube-proxy nat-output {{ type nat hook output priority -100 ; }}
+add rule ip kube-proxy nat-output jump services
+add chain ip kube-proxy nat-postrouting {{ type nat hook postrouting priority 100 ; }}
+add rule ip kube-proxy nat-postrouting jump masquerading
+"""
+
+
+def nft_service(s: Svc, old_endpoints: tuple[str, ...] = (), new: bool = True) -> str:
+    """kube-proxy's nft transaction lines for one service (its whole state), as in a sync that changed it."""
+    svc = _nft_svc_chain(s)
+    out = [f"add chain ip kube-proxy {svc}", f"flush chain ip kube-proxy {svc}",
+           f"add rule ip kube-proxy {svc} ip daddr {s.vip} tcp dport 80 ip saddr != {CLUSTER_CIDR} "
+           "jump mark-for-masquerade"]
+    vmap = " , ".join(f"{k} : goto {_nft_ep_chain(s, ip)}" for k, ip in enumerate(s.endpoints))
+    for ip in s.endpoints:
+        ep = _nft_ep_chain(s, ip)
+        out += [f"add chain ip kube-proxy {ep}", f"flush chain ip kube-proxy {ep}",
+                f"add rule ip kube-proxy {ep} ip saddr {ip} jump mark-for-masquerade",
+                f"add rule ip kube-proxy {ep} meta l4proto tcp dnat to {ip}:{BACKEND_PORT}"]
+    out.append(f"add rule ip kube-proxy {svc} numgen random mod {len(s.endpoints)} vmap {{ {vmap} }}")
+    out += [f"delete chain ip kube-proxy {_nft_ep_chain(s, ip)}" for ip in old_endpoints if ip not in s.endpoints]
+    if new:
+        out += [f"add element ip kube-proxy cluster-ips {{ {s.vip} }}",
+                f"add element ip kube-proxy service-ips {{ {s.vip} . tcp . 80 : goto {svc} }}"]
+    return "\n".join(out) + "\n"
+
+
+# ---- running things in the client pod's namespace -------------------------------------------------
+
+
+class Runner:
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.netns = lab.pod("pod1").netns
+
+    def ns(self, argv: list[str], stdin: str | None = None) -> float:
+        """Run a tool in the client pod's namespace; seconds it took (the tool's own process included)."""
+        t0 = time.perf_counter()
+        p = subprocess.run(["ip", "netns", "exec", self.netns, *argv], input=stdin, capture_output=True, text=True)
+        secs = time.perf_counter() - t0
+        if p.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)}: {p.stderr.strip()[:500]}")
+        return secs
+
+    def latency(self, vip: str, conns: int) -> dict[str, float]:
+        out = self.lab.run("pod1", [sys.executable, "-c", CLIENT, vip, "80", str(conns), str(max(20, conns // 20))],
+                           capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            raise RuntimeError(f"latency client failed: {out.stderr[-500:]}")
+        doc = json.loads(out.stdout)
+        if doc["errors"] or not doc["ns"]:
+            raise RuntimeError(f"latency client: {doc['errors']} failed connections to {vip}")
+        ns = [x * 1e-9 for x in doc["ns"]]
+        return {"connect_first_byte_p50_seconds": percentile(ns, 50), "connect_first_byte_p99_seconds": percentile(ns, 99)}
+
+
+def _changes(last: Svc) -> list[tuple[Svc, tuple[str, ...]]]:
+    """The measured changes to the last service: add it, add a third endpoint, take it away again
+    (each with the endpoints it had before). The last leaves it on the two real backends."""
+    third = Svc(last.name, last.vip, (*last.endpoints, "10.246.0.1"))
+    return [(last, ()), (third, last.endpoints), (last, third.endpoints)]
+
+
+def bench_iptables(r: Runner, mode: str, services: list[Svc], conns: int) -> dict[str, float]:
+    restore = f"iptables-{mode.split('-')[1]}-restore"
+    base, last = services[:-1], services[-1]
+    full = r.ns([restore, "--noflush", "--counters"], iptables_sync(base, None) + BASE_JUMPS)
+    times = []
+    for svc, old in _changes(last):
+        stale = [_sep_chain(svc, ip) for ip in old if ip not in svc.endpoints]
+        text = iptables_sync([*base, svc], [svc], stale)
+        times.append(r.ns([restore, "--noflush", "--counters"], text))
+    m = {"full_sync_seconds": full, "change_seconds": median(times)}
+    m.update(r.latency(last.vip, conns))
+    binary = f"iptables-{mode.split('-')[1]}"
+    for table in ("nat", "filter"):  # leave the namespace as it was
+        r.ns([binary, "-t", table, "-F"])
+        r.ns([binary, "-t", table, "-X"])
+    return m
+
+
+def bench_nftables(r: Runner, services: list[Svc], conns: int) -> dict[str, float]:
+    base, last = services[:-1], services[-1]
+    text = NFT_BASE + "".join(nft_service(s) for s in base)
+    try:
+        full = r.ns(["nft", "-f", "-"], text)
+        times = [r.ns(["nft", "-f", "-"], nft_service(svc, old, new=not old)) for svc, old in _changes(last)]
+        m = {"full_sync_seconds": full, "change_seconds": median(times)}
+        m.update(r.latency(last.vip, conns))
+    finally:
+        r.ns(["nft", "delete", "table", "ip", "kube-proxy"])
+    return m
+
+
+def _records(s: Svc) -> tuple[Service, EndpointSlice]:
+    svc = Service(name=s.name, namespace="default", uid=s.name, type="ClusterIP", cluster_ips=(s.vip,),
+                  ports=(ServicePort("http", "TCP", 80, BACKEND_PORT),), selector=frozen_map({"app": s.name}),
+                  session_affinity="None", session_affinity_timeout=None, internal_traffic_policy="Cluster",
+                  labels=EMPTY_MAP, annotations=EMPTY_MAP)
+    sl = EndpointSlice(name=f"{s.name}-1", namespace="default", service_name=s.name, address_type="IPv4",
+                       endpoints=tuple(Endpoint((ip,), True, True, False, NODE) for ip in s.endpoints),
+                       ports=(EndpointPort("http", "TCP", BACKEND_PORT),))
+    return svc, sl
+
+
+def bench_ebpf(r: Runner, lab: Lab, services: list[Svc], conns: int) -> dict[str, float]:
+    base, last = services[:-1], services[-1]
+    with open_lb(loader.pin_dir(lab.instance)) as maps:
+        state = ClusterState()
+        rec = ServiceLBReconciler(NODE, maps)
+        rec.state = state
+        state.subscribe(rec.on_change)
+        events = [Event(EventType.ADDED, x) for s in base for x in _records(s)]
+        t0 = time.perf_counter()
+        state.apply(events, synced=True)
+        full = time.perf_counter() - t0
+        times, ops = [], []
+        for svc, old in _changes(last):
+            service, sl = _records(svc)
+            evs = [Event(EventType.MODIFIED, sl)] if old else [Event(EventType.ADDED, service), Event(EventType.ADDED, sl)]
+            before = rec.map_ops
+            t0 = time.perf_counter()
+            state.apply(evs)
+            times.append(time.perf_counter() - t0)
+            ops.append(rec.map_ops - before)
+        m = {"full_sync_seconds": full, "change_seconds": median(times), "change_map_operations": float(max(ops))}
+        m.update(r.latency(last.vip, conns))
+        state.apply([Event(EventType.DELETED, x) for s in services for x in _records(s)])  # empty again
+    return m
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench servicelb")
+    ap.add_argument("--services", type=int, action="append", metavar="N",
+                    help="number of services (repeatable; default 1000, 5000 and 10000; 1 is always measured too)")
+    ap.add_argument("--conns", type=int, default=2000, help="connections per latency measurement")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"kube-proxy modes to compare (default {','.join(MODES)})")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    sizes = sorted({1, *(args.services or [1000, 5000, 10000])})
+    modes = [m for m in args.modes.split(",") if m]
+    for m in modes:
+        if m not in MODES:
+            print(f"bench servicelb: unknown mode {m!r}; choose from {', '.join(MODES)}", file=sys.stderr)
+            return 2
+    tools = {"iptables-legacy": "iptables-legacy-restore", "iptables-nft": "iptables-nft-restore", "nftables": "nft"}
+    missing = [tools[m] for m in modes if not shutil.which(tools[m])]
+    if missing:
+        print(f"bench servicelb: {', '.join(missing)} not found; run scripts/setup.sh (iptables, nftables)",
+              file=sys.stderr)
+        return 2
+    if max(sizes) > 62000:
+        print("bench servicelb: --services must be at most 62000 (one /16 of service addresses)", file=sys.stderr)
+        return 2
+
+    def progress(msg: str) -> None:
+        if not args.json:
+            print(msg, file=sys.stderr, flush=True)
+
+    baseline: dict[str, float] = {}
+    candidate: dict[str, float] = {}
+    t_start = time.monotonic()
+    with Lab(3, attach=False) as lab:
+        servers = [lab.popen(p, [sys.executable, "-c", SERVER, str(BACKEND_PORT)], stdout=subprocess.PIPE, text=True)
+                   for p in ("pod2", "pod3")]
+        try:
+            for s in servers:
+                assert s.stdout is not None
+                if s.stdout.readline().strip() != "ready":
+                    raise RuntimeError("a backend server did not start")
+            r = Runner(lab)
+            # kube-proxy's rules see pod1's own connections in OUTPUT, after routing: give the service
+            # range a route into the lab bridge (nothing leaves the lab: the bridge has no uplink).
+            r.ns(["ip", "route", "add", "10.96.0.0/16", "dev", "eth0"])
+            real = (lab.pod("pod2").ipv4, lab.pod("pod3").ipv4)
+            for n in sizes:
+                services = [Svc(f"svc{i}", vip_of(i), fake_endpoints(i)) for i in range(n - 1)]
+                services.append(Svc(f"svc{n - 1}", vip_of(n - 1), real))
+                for mode in modes:
+                    progress(f"[{time.monotonic() - t_start:6.1f}s] {n} services: kube-proxy {mode}")
+                    m = bench_nftables(r, services, args.conns) if mode == "nftables" else \
+                        bench_iptables(r, mode, services, args.conns)
+                    baseline.update({f"{mode.replace('-', '_')}_n{n}_{k}": v for k, v in m.items()})
+                progress(f"[{time.monotonic() - t_start:6.1f}s] {n} services: eBPF socket LB")
+                lab.attach_bpf()  # attached only for the candidate: the baselines run without our hooks
+                try:
+                    # The LB alone: no sockmap splicing (pods are not local endpoints for sockops).
+                    with open_pinned(loader.pin_dir(lab.instance)) as pm:
+                        for k in list(pm.local_endpoints):
+                            del pm.local_endpoints[k]
+                    m = bench_ebpf(r, lab, services, args.conns)
+                finally:
+                    lab.detach_bpf()
+                candidate.update({f"ebpf_n{n}_{k}": v for k, v in m.items()})
+        finally:
+            for s in servers:
+                s.kill()
+                s.wait()
+    ratio: dict[str, float] = {}
+    for n in sizes:
+        for mode in modes:
+            b = mode.replace("-", "_")
+            for k in ("change_seconds", "connect_first_byte_p50_seconds", "connect_first_byte_p99_seconds"):
+                ratio[f"{b}_over_ebpf_n{n}_{k}"] = baseline[f"{b}_n{n}_{k}"] / candidate[f"ebpf_n{n}_{k}"]
+    for n in sizes:
+        for q in ("p50", "p99"):
+            ratio[f"ebpf_n{n}_over_n1_connect_first_byte_{q}"] = (candidate[f"ebpf_n{n}_connect_first_byte_{q}_seconds"]
+                                                                  / candidate[f"ebpf_n1_connect_first_byte_{q}_seconds"])
+    extra: dict[str, Any] = {"sizes": sizes, "modes": modes, "conns": args.conns, "endpoints_per_service": 2,
+                             "wall_seconds": round(time.monotonic() - t_start, 1),
+                             "ratio_meaning": "baseline/candidate (x times faster); ebpf_nN_over_n1: candidate at N "
+                                              "services relative to 1 service"}
+    if args.json:
+        report("servicelb", baseline, candidate, ratio, True, extra)
+        return 0
+    _print_table(sizes, modes, baseline, candidate, extra)
+    return 0
+
+
+def _print_table(sizes: list[int], modes: list[str], base: dict[str, float], cand: dict[str, float],
+                 extra: dict[str, Any]) -> None:
+    m = machine()
+    print(f"servicelb: {m['cpu_model']}, {m['cpus']} CPUs, kernel {m['kernel']}, Python {m['python']}")
+    cols = [*modes, "ebpf"]
+    metrics = ("full_sync_seconds", "change_seconds", "connect_first_byte_p50_seconds",
+               "connect_first_byte_p99_seconds")
+    print(f"  {'services':>8}  {'metric':<32}" + "".join(f"{c:>16}" for c in cols) + "   best kube-proxy / ebpf")
+    for n in sizes:
+        for k in metrics:
+            vals = [base.get(f"{c.replace('-', '_')}_n{n}_{k}") for c in modes] + [cand.get(f"ebpf_n{n}_{k}")]
+            shown = "".join(f"{v:16.6g}" if v is not None else f"{'-':>16}" for v in vals)
+            known = [v for v in vals[:-1] if v is not None]
+            ratio = f"{min(known) / vals[-1]:10.1f}x" if known and vals[-1] else ""
+            print(f"  {n:>8}  {k:<32}{shown}   {ratio}")
+        ops = cand.get(f"ebpf_n{n}_change_map_operations")
+        print(f"  {n:>8}  {'ebpf map operations per change':<32}{'':>{16 * len(modes)}}{ops:16.0f}")
+    print(f"  connections per latency run: {extra['conns']}, wall time {extra['wall_seconds']} s")
