@@ -3,7 +3,8 @@
 Threads: the source (its own watch threads), the apply loop (the model's single writer; it batches
 whatever is queued, applies it and lets the reconcilers write the maps), and the HTTP endpoint
 (/healthz, /readyz, /metrics, /status). Nothing here blocks on the kernel or the API server while
-holding the model.
+holding the model. Optional parts follow the same model: the cert manager (its own refresh thread)
+and the xDS bridge (its own rebuild thread and the ADS server's loop).
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import REGISTRY, generate_latest
+
+from accel.agent_certs import AgentCertManager, CertsReconciler
+from accel.agent_xds import DEFAULT_PORT_BASE, XdsBridge
 from accel.metrics import Metrics
 from accel.reconcile import LocalEndpointsReconciler
 from accel.sources.base import Source
@@ -41,6 +46,9 @@ class AgentConfig:
     listen: tuple[str, int] | None = None  # None: no HTTP endpoint (tests, benchmarks)
     trust_domain: str = DEFAULT_TRUST_DOMAIN
     default_mtls: MtlsMode = MtlsMode.DISABLE
+    xds_listen: str | None = None  # "HOST:PORT" or "unix:PATH"; None: no xDS server
+    l7_bind: str = "127.0.0.1"  # where this node's Envoy listens for L7 services and inbound mTLS
+    l7_port_base: int = DEFAULT_PORT_BASE
 
 
 class _QueueSink:
@@ -64,7 +72,8 @@ class _QueueSink:
 
 class Agent:
     def __init__(self, config: AgentConfig, source: Source, local_endpoints: MutableMapping[str, int], *,
-                 reconciler: type[LocalEndpointsReconciler] = LocalEndpointsReconciler) -> None:
+                 reconciler: type[LocalEndpointsReconciler] = LocalEndpointsReconciler,
+                 cert_manager: AgentCertManager | None = None) -> None:
         self.config = config
         self.source = source
         self.metrics = Metrics()
@@ -73,6 +82,15 @@ class Agent:
         self.reconciler = reconciler(config.node, local_endpoints, self.metrics)
         self.reconciler.state = self.state
         self.state.subscribe(self.reconciler.on_change)
+        self.certs: CertsReconciler | None = None
+        if cert_manager is not None:
+            self.certs = CertsReconciler(config.node, cert_manager, self.report_problem)
+            self.state.subscribe(self.certs.on_change)
+        self.xds: XdsBridge | None = None
+        if config.xds_listen is not None:
+            self.xds = XdsBridge(config.node, self.state, self.certs, config.l7_bind, config.l7_port_base,
+                                 self.report_problem)
+            self.state.subscribe(self.xds.on_change)
         self._queue: queue.SimpleQueue[tuple[object, float]] = queue.SimpleQueue()
         self._stop = threading.Event()
         self.ready = threading.Event()
@@ -91,6 +109,10 @@ class Agent:
     def start(self) -> Agent:
         self.started_at = time.monotonic()
         sink = _QueueSink(self)
+        if self.certs is not None:
+            self.certs.manager.start()
+        if self.xds is not None and self.config.xds_listen is not None:
+            self.xds.start(self.config.xds_listen)
         self._spawn("source", lambda: self.source.run(sink, self._stop))
         self._spawn("apply", self._apply_loop)
         if self.config.listen is not None:
@@ -112,6 +134,10 @@ class Agent:
             self._http.server_close()
         for t in self._threads:
             t.join(10)
+        if self.xds is not None:
+            self.xds.stop()
+        if self.certs is not None:
+            self.certs.manager.stop()
         log.info("event=agent_stopped node=%s", self.config.node)
 
     def request_stop(self) -> None:
@@ -131,7 +157,7 @@ class Agent:
         return f"{host!s}:{port}"
 
     def healthy(self) -> bool:
-        return all(t.is_alive() for t in self._threads)
+        return all(t.is_alive() for t in self._threads) and (self.xds is None or self.xds.alive())
 
     # --- problems -----------------------------------------------------------------------------
 
@@ -216,7 +242,17 @@ class Agent:
             "objects": {str(k): counts[k] for k in Kind},
             "local_endpoints": len(self.reconciler.desired()),
             "healthy": self.healthy(),
+            "certs": self.certs.status() if self.certs is not None else None,
+            "xds": self.xds.status() if self.xds is not None else None,
         }
+
+    def metrics_text(self) -> bytes:
+        """The agent's registry, plus the process-wide one where the CSR client, cert and xDS
+        counters live (NACKs by type, streams) when those parts run."""
+        text = self.metrics.render()
+        if self.certs is not None or self.xds is not None:
+            text += generate_latest(REGISTRY)
+        return text
 
 
 def _serve(agent: Agent, listen: tuple[str, int]) -> ThreadingHTTPServer:
@@ -240,11 +276,20 @@ def _serve(agent: Agent, listen: tuple[str, int]) -> ThreadingHTTPServer:
                 ok = agent.ready.is_set()
                 self._send(200 if ok else 503, b"ready\n" if ok else b"initial sync not applied yet\n")
             elif path == "/metrics":
-                self._send(200, agent.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
+                self._send(200, agent.metrics_text(), "text/plain; version=0.0.4; charset=utf-8")
             elif path == "/status":
                 self._send(200, json.dumps(agent.status()).encode(), "application/json")
             else:
                 self._send(404, b"not found: try /healthz /readyz /metrics /status\n")
+
+        def do_POST(self) -> None:  # noqa: N802
+            if self.path.split("?", 1)[0] != "/certs/refresh":
+                self._send(404, b"not found: POST /certs/refresh\n")
+            elif agent.certs is None:
+                self._send(409, b"this agent runs no cert manager (start it with --ca-dir or --ca-address)\n")
+            else:
+                n = agent.certs.manager.refresh_all()
+                self._send(202, json.dumps({"refreshing": n}).encode(), "application/json")
 
     httpd = ThreadingHTTPServer(listen, Handler)
     httpd.daemon_threads = True

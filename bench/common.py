@@ -51,7 +51,8 @@ def report(
     as_json: bool,
     extra: Mapping[str, Any] | None = None,
 ) -> None:
-    """Print one JSON object (`--json`) or a readable table of baseline, candidate and ratio."""
+    """Print one JSON object (`--json`) or a readable table of baseline, candidate and ratio.
+    Every benchmark reports ratio = candidate / baseline."""
     doc: dict[str, Any] = {
         "benchmark": name,
         "machine": machine(),

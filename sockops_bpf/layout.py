@@ -71,6 +71,7 @@ LB_MAX_BACKENDS = 1024
 LB_MAX_REVERSE = 131072
 LB_MAX_AFFINITY = 65536
 LB_MAX_SKIP = 16384
+LB_MAX_CIDRS = 64
 LB_F_AFFINITY = 1
 LB_SKIP_EXCLUDED = 1
 LB_SKIP_ISTIO = 2
@@ -119,6 +120,12 @@ class LbSkipEntry(ct.Structure):
     _fields_ = [("reason", ct.c_uint32), ("pad", ct.c_uint32)]
 
 
+class LbCidrKey(ct.Structure):
+    """An LPM trie key: IPv4 ranges are stored IPv4-mapped, so their prefix length is 96 + the v4 one."""
+
+    _fields_ = [("prefixlen", ct.c_uint32), ("ip", IpAddr)]
+
+
 class LbCounter(IntEnum):
     TRANSLATED = 0
     NO_BACKEND = 1
@@ -126,13 +133,14 @@ class LbCounter(IntEnum):
     AFFINITY_HIT = 3
     REVERSED = 4
     SLOT_MISS = 5
+    NO_SERVICE = 6
 
 
 # struct name in maps.h -> mirror (tests/test_servicelb.py compiles a probe against these).
 LB_STRUCTS: dict[str, type[ct.Structure]] = {
     "lb_svc_key": LbSvcKey, "lb_svc": LbSvc, "lb_slot_key": LbSlotKey, "lb_addr": LbAddr,
     "lb_member_key": LbMemberKey, "lb_affinity_key": LbAffinityKey, "lb_affinity_entry": LbAffinityEntry,
-    "lb_rev_key": LbRevKey, "lb_skip_key": LbSkipKey, "lb_skip_entry": LbSkipEntry,
+    "lb_rev_key": LbRevKey, "lb_skip_key": LbSkipKey, "lb_skip_entry": LbSkipEntry, "lb_cidr_key": LbCidrKey,
 }
 MAPS.update({
     "lb_services": (LbSvcKey, LbSvc),
@@ -142,4 +150,5 @@ MAPS.update({
     "lb_affinity": (LbAffinityKey, LbAffinityEntry),
     "lb_skip": (LbSkipKey, LbSkipEntry),
     "lb_counters": (ct.c_int, ct.c_uint64),
+    "lb_service_cidrs": (LbCidrKey, ct.c_uint32),
 })

@@ -27,6 +27,7 @@ from sockops_bpf.layout import (
     LbAddr,
     LbAffinityEntry,
     LbAffinityKey,
+    LbCidrKey,
     LbCounter,
     LbMemberKey,
     LbRevKey,
@@ -133,7 +134,8 @@ def open_pinned(pin_dir: Path) -> PinnedMaps:
 # ---- Service load balancing maps (maps.h "Service load balancing") ------------------------------
 # Views keyed and valued by small frozen records, so the reconciler never handles ctypes.
 
-LB_MAP_NAMES = ("lb_services", "lb_slots", "lb_members", "lb_reverse", "lb_affinity", "lb_skip", "lb_counters")
+LB_MAP_NAMES = ("lb_services", "lb_slots", "lb_members", "lb_reverse", "lb_affinity", "lb_skip", "lb_counters",
+                "lb_service_cidrs")
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -220,6 +222,7 @@ class LbMaps:
       skip       netns cookie -> LB_SKIP_* reason  lb_skip
       affinity   (netns cookie, frontend id) -> (Backend, last use ns)   lb_affinity (LRU, kernel-written)
       reverse    (socket cookie, Backend) -> Backend of the frontend     lb_reverse (LRU, kernel-written)
+      service_cidrs  CIDR text -> 1                     lb_service_cidrs (LPM trie): no service there = refused
     """
 
     def __init__(self, pin_dir: Path) -> None:
@@ -255,6 +258,9 @@ class LbMaps:
             lambda k: LbRevKey(k[0], IpAddr.from_ip(k[1].ip), k[1].port, 0, 0),
             lambda k: (int(k.cookie), Backend(str(k.ip.to_ip()), int(k.port))), Backend.c, Backend.of)
 
+        self.service_cidrs: MutableMapping[str, int] = _View(
+            f["lb_service_cidrs"], LbCidrKey, ct.c_uint32, _cidr_key, _cidr_text, ct.c_uint32, lambda v: int(v.value))
+
     def counters(self) -> dict[str, int]:
         possible = _possible_cpus() or os.cpu_count() or 1
         out = {}
@@ -274,6 +280,19 @@ class LbMaps:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _cidr_key(cidr: str) -> LbCidrKey:
+    net = ipaddress.ip_network(cidr, strict=True)
+    extra = 96 if net.version == 4 else 0
+    return LbCidrKey(net.prefixlen + extra, IpAddr.from_ip(net.network_address))
+
+
+def _cidr_text(k: LbCidrKey) -> str:
+    ip = ipaddress.IPv6Address(bytes(k.ip.addr))
+    if ip.ipv4_mapped is not None and k.prefixlen >= 96:
+        return str(ipaddress.ip_network((ip.ipv4_mapped, int(k.prefixlen) - 96)))
+    return str(ipaddress.ip_network((ip, int(k.prefixlen))))
 
 
 def open_lb(pin_dir: Path) -> LbMaps:

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from accel.agent import Agent, AgentConfig
+from accel.agent_certs import AgentCertManager, make_signer
+from accel.agent_xds import DEFAULT_PORT_BASE
 from accel.errors import UserError
 from accel.sources.base import Source
 from accel.state.model import MtlsMode
@@ -33,6 +35,20 @@ def register(sub: Any) -> None:
     p.add_argument("--trust-domain", default="cluster.local")
     p.add_argument("--default-mtls", choices=[m.value for m in MtlsMode], default="disable",
                    help="mTLS mode for pods with no meshaccel.io/mtls annotation on pod or namespace")
+    c = p.add_argument_group("certificates (off unless a CA is given)")
+    c.add_argument("--ca-address", metavar="HOST:PORT", help="the CSR API (`accel ca serve`) to get workload SVIDs from")
+    c.add_argument("--node-credential", type=Path, metavar="DIR",
+                   help="with --ca-address: node-cert.pem, node-key.pem, root-cert.pem from `accel ca issue-node`")
+    c.add_argument("--ca-dir", type=Path, metavar="DIR", help="standalone/lab: sign in-process with the CA in this folder")
+    c.add_argument("--cert-ttl", type=int, default=86400, metavar="SECONDS", help="leaf validity asked for")
+    c.add_argument("--cert-status-file", type=Path, default=Path("/run/meshaccel/certs.json"),
+                   help="where the cert manager writes what `accel certs` shows")
+    x = p.add_argument_group("xDS (off unless --xds-listen is given)")
+    x.add_argument("--xds-listen", metavar="HOST:PORT|unix:PATH", help="serve ADS to this node's Envoy here")
+    x.add_argument("--l7-bind", default="127.0.0.1", metavar="IP",
+                   help="address Envoy's L7 and inbound mTLS listeners bind to (the node's address in the lab)")
+    x.add_argument("--l7-port-base", type=int, default=DEFAULT_PORT_BASE, metavar="PORT",
+                   help="listener ports are assigned from here up, one per L7 service port / inbound pod port")
     p.set_defaults(func=run)
 
 
@@ -72,8 +88,45 @@ def open_maps(kind: str, instance: str, cgroup: Path | None) -> tuple[MutableMap
     return pinned.local_endpoints, pinned
 
 
+def parse_xds_listen(text: str | None) -> str | None:
+    if text is None or text.startswith("unix:"):
+        if text == "unix:":
+            raise UserError("--xds-listen unix: needs a path (unix:/run/meshaccel/xds.sock)")
+        return text
+    try:
+        host, port = parse_listen(text)
+    except UserError:
+        raise UserError(f"--xds-listen {text!r} is not HOST:PORT or unix:PATH (e.g. 127.0.0.1:15010)") from None
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def check_l7(args: argparse.Namespace) -> None:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(args.l7_bind)
+    except ValueError:
+        raise UserError(f"--l7-bind {args.l7_bind!r} is not an IP address") from None
+    if not 1 <= args.l7_port_base <= 65000:
+        raise UserError(f"--l7-port-base {args.l7_port_base} must be between 1 and 65000")
+
+
+def make_cert_manager(args: argparse.Namespace) -> AgentCertManager | None:
+    if args.ca_address is None and args.ca_dir is None:
+        if args.node_credential is not None:
+            raise UserError("--node-credential needs --ca-address HOST:PORT")
+        return None
+    if args.cert_ttl < 60:
+        raise UserError(f"--cert-ttl {args.cert_ttl} is too short; give at least 60 seconds")
+    return AgentCertManager(make_signer(args.ca_address, args.node_credential, args.ca_dir), ttl=args.cert_ttl,
+                            status_path=args.cert_status_file)
+
+
 def run(args: argparse.Namespace) -> int:
     listen = parse_listen(args.listen)
+    xds_listen = parse_xds_listen(args.xds_listen)
+    check_l7(args)
+    certs = make_cert_manager(args)
     source = make_source(args.source, args.kubeconfig)
     try:
         args.state_dir.mkdir(parents=True, exist_ok=True)
@@ -81,9 +134,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--state-dir {args.state_dir}: cannot create it ({e.strerror})") from e
     table, owner = open_maps(args.maps, args.instance or args.node, args.cgroup)
     cfg = AgentConfig(node=args.node, state_dir=args.state_dir, listen=listen, trust_domain=args.trust_domain,
-                      default_mtls=MtlsMode(args.default_mtls))
+                      default_mtls=MtlsMode(args.default_mtls), xds_listen=xds_listen, l7_bind=args.l7_bind,
+                      l7_port_base=args.l7_port_base)
     try:
-        agent = Agent(cfg, source, table)
+        agent = Agent(cfg, source, table, cert_manager=certs)
     except OSError as e:
         raise UserError(f"--listen {args.listen}: cannot listen ({e.strerror})") from e
     stopping = False
@@ -101,7 +155,11 @@ def run(args: argparse.Namespace) -> int:
         agent.start()
     except OSError as e:
         raise UserError(f"--listen {args.listen}: cannot listen ({e.strerror})") from e
-    print(f"accel agent: node={args.node} listening on http://{agent.address}", flush=True)
+    except RuntimeError as e:  # the xDS server could not bind
+        agent.stop()
+        raise UserError(f"--xds-listen {args.xds_listen}: {e}") from None
+    xds = f" xds={agent.xds.server.address}" if agent.xds is not None else ""
+    print(f"accel agent: node={args.node}{xds} listening on http://{agent.address}", flush=True)
     agent.wait()
     agent.stop()
     if owner is not None:

@@ -1,17 +1,23 @@
-"""`accel ca init`, `accel ca rotate-root`, `accel ca issue-node`, `accel certs`."""
+"""`accel ca init`, `accel ca rotate-root`, `accel ca issue-node`, `accel ca serve`, `accel certs`."""
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
 import json
+import logging
 import os
+import signal
+import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 from accel.errors import UserError
 
+log = logging.getLogger(__name__)
 DEFAULT_CA_DIR = "/etc/meshaccel/ca"
 DEFAULT_STATUS = "/run/meshaccel/certs.json"
 
@@ -45,8 +51,25 @@ def register(sub: Any) -> None:
     node.add_argument("--days", type=int, default=30)
     node.set_defaults(func=cmd_issue_node)
 
+    srv = ca_sub.add_parser("serve", help="serve the CSR API (IstioCertificateService/CreateCertificate) until stopped")
+    _store_args(srv)
+    srv.add_argument("--listen", default="127.0.0.1:15012", help="HOST:PORT for the gRPC CSR API (TLS)")
+    srv.add_argument("--pods", required=True, metavar="kube|manifests:DIR",
+                     help="where to learn which pods run on which node (authorization): the Kubernetes API "
+                          "or a manifest folder (standalone, the lab)")
+    srv.add_argument("--token-service-account", action="append", default=[], metavar="NAMESPACE/NAME",
+                     help="in cluster: accept bearer tokens of this service account (the agent's), checked "
+                          "with TokenReview; repeat for several")
+    srv.add_argument("--token-audience", action="append", default=[], help="audience the tokens must carry")
+    srv.add_argument("--dns-name", action="append", default=[],
+                     help="DNS name in the serving certificate (default meshaccel-ca.meshaccel-system.svc)")
+    srv.add_argument("--sync-timeout", type=float, default=30.0,
+                     help="seconds to wait for the first full list of pods before serving anyway")
+    srv.set_defaults(func=cmd_serve)
+
     certs = sub.add_parser("certs", help="workload certificates on this node: identity, serial, expiry, next refresh")
     certs.add_argument("--status-file", default=DEFAULT_STATUS, help="written by the running agent's cert manager")
+    certs.add_argument("--agent", metavar="URL", help="read the running agent's /status (e.g. http://127.0.0.1:9464)")
     certs.add_argument("--ca-dir", help="standalone: issue now from this CA folder instead of reading the agent")
     certs.add_argument("--identity", action="append", default=[], help="with --ca-dir: SPIFFE ID to issue (repeat)")
     certs.add_argument("--json", action="store_true")
@@ -67,18 +90,9 @@ def _store(args: argparse.Namespace) -> Any:
         ns, _, name = args.secret.partition("/")
         if not ns or not name:
             raise UserError(f"--secret {args.secret!r} must be NAMESPACE/NAME")
-        from kubernetes import client, config
+        from kubernetes import client
 
-        try:
-            if args.kubeconfig:
-                config.load_kube_config(args.kubeconfig)
-            else:
-                try:
-                    config.load_incluster_config()
-                except config.ConfigException:
-                    config.load_kube_config()
-        except (config.ConfigException, OSError) as e:
-            raise UserError(f"cannot load Kubernetes credentials: {e}; pass --kubeconfig") from None
+        _kube_config(args.kubeconfig)
         return SecretStore(client.CoreV1Api(), ns, name)
     return FileStore(args.dir or DEFAULT_CA_DIR)
 
@@ -180,6 +194,8 @@ def cmd_certs(args: argparse.Namespace) -> int:
     rows: list[CertStatus]
     if args.ca_dir:
         rows = _issue_standalone(args)
+    elif args.agent:
+        rows = _from_agent(args.agent)
     else:
         try:
             rows = load_status(args.status_file)
@@ -198,6 +214,129 @@ def cmd_certs(args: argparse.Namespace) -> int:
             status += f", {r.failures} failures: {r.last_error}"
         print(f"{r.spiffe_id:<50} {(r.serial or '-')[:16]:<18} {_when(r.not_after):<22} {_when(r.next_refresh):<22} {status}")
     return 0
+
+
+def _from_agent(url: str) -> list[Any]:
+    from certs.manager import CertStatus
+
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/status", timeout=5) as r:
+            doc = json.loads(r.read())
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise UserError(f"--agent {url}: no agent status there ({e}); is `accel agent` running?") from None
+    certs = doc.get("certs") if isinstance(doc, dict) else None
+    if not isinstance(certs, dict):
+        raise UserError(f"--agent {url}: the agent runs no cert manager (start it with --ca-dir or --ca-address)")
+    return [CertStatus(str(c["spiffe_id"]), c.get("serial"), c.get("not_after"), float(c["next_refresh"]),
+                       int(c.get("failures", 0)), c.get("last_error")) for c in certs["certificates"]]
+
+
+class _StateSink:
+    """Feeds the CA's own state model from a source: the CA's view of which pods run where."""
+
+    def __init__(self, state: Any) -> None:
+        self.state = state
+        self.synced_event = threading.Event()
+        self._lock = threading.Lock()
+
+    def event(self, ev: Any) -> None:
+        with self._lock:
+            self.state.apply([ev])
+
+    def synced(self) -> None:
+        with self._lock:
+            self.state.apply([], synced=True)
+        self.synced_event.set()
+
+    def problem(self, reason: str, message: str) -> None:
+        log.warning("event=problem reason=%s %s", reason, message)
+
+    def stat(self, name: str, kind: str) -> None:
+        pass
+
+
+def pods_on_node(state: Any) -> Any:
+    """The authorization view: SPIFFE IDs of the running pods scheduled on a node."""
+    from accel.reconcile import eligible
+    from certs.spiffe import SpiffeId, SpiffeIdError
+
+    def lookup(node: str) -> set[Any]:
+        out = set()
+        for w in state.workloads():
+            if eligible(w, node):
+                try:
+                    out.add(SpiffeId.parse(w.identity.spiffe_id))
+                except SpiffeIdError:
+                    continue
+        return out
+
+    return lookup
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from accel.commands.agent import make_source, parse_listen
+    from accel.state.store import ClusterState
+    from certs.api import CA_SERVER_NAME, CertificateService, serve, server_credentials
+
+    host, port = parse_listen(args.listen)
+    store = _store(args)
+    ca = _load_ca(store)
+    verifier = None
+    if args.token_service_account:
+        from kubernetes import client
+
+        from certs.auth import TokenReviewVerifier
+
+        if args.secret is None:  # _store loaded Kubernetes credentials only for --secret
+            _kube_config(args.kubeconfig)
+        verifier = TokenReviewVerifier(client.AuthenticationV1Api(), args.token_service_account, args.token_audience)
+    source = make_source(args.pods, args.kubeconfig)
+    state = ClusterState(trust_domain=ca.trust_domain)
+    sink = _StateSink(state)
+    stop = threading.Event()
+    threading.Thread(target=source.run, args=(sink, stop), name="ca-pods", daemon=True).start()
+    if not sink.synced_event.wait(args.sync_timeout):
+        log.warning("event=pods_not_synced seconds=%s: serving; nodes get nothing until the pods are listed",
+                    args.sync_timeout)
+    service = CertificateService(ca, pods_on_node(state), verifier)
+    addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        server, bound = serve(service, addr, server_credentials(ca, args.dns_name or (CA_SERVER_NAME,)))
+    except (OSError, RuntimeError) as e:
+        stop.set()
+        raise UserError(f"--listen {args.listen}: cannot listen ({e})") from None
+
+    reload = threading.Event()
+    signal.signal(signal.SIGTERM, lambda _s, _f: stop.set())
+    signal.signal(signal.SIGINT, lambda _s, _f: stop.set())
+    signal.signal(signal.SIGHUP, lambda _s, _f: reload.set())
+    pods = sum(1 for _ in state.workloads())
+    print(f"accel ca serve: {_describe_root(ca)}; {pods} pods known; listening on {host}:{bound}", flush=True)
+    while not stop.wait(0.5):
+        if reload.is_set():  # SIGHUP: the CA folder/Secret changed (root rotation); no restart needed
+            reload.clear()
+            try:
+                service.set_ca(_load_ca(store))
+                log.info("event=ca_reloaded %s", _describe_root(service.ca))
+            except UserError as e:
+                log.error("event=ca_reload_failed error=%r (still signing with the previous CA)", str(e))
+    server.stop(2).wait(5)
+    return 0
+
+
+def _kube_config(kubeconfig: str | None) -> None:
+    from kubernetes import config
+
+    try:
+        if kubeconfig:
+            config.load_kube_config(kubeconfig)
+        else:
+            try:
+                config.load_incluster_config()
+            except config.ConfigException:
+                config.load_kube_config()
+    except (config.ConfigException, OSError) as e:
+        raise UserError(f"cannot load Kubernetes credentials: {e}; pass --kubeconfig") from None
 
 
 def _issue_standalone(args: argparse.Namespace) -> list[Any]:
