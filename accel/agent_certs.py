@@ -97,8 +97,11 @@ class CertsReconciler:
         }
 
 
-def make_signer(ca_address: str | None, node_credential: Path | None, ca_dir: Path | None) -> Signer:
-    """--ca-address with --node-credential (the CSR API), or --ca-dir (an in-process CA)."""
+def make_signer(ca_address: str | None, node_credential: Path | None, ca_dir: Path | None,
+                token_file: Path | None = None, root_file: Path | None = None) -> Signer:
+    """--ca-address with --node-credential (lab/standalone) or with --ca-token-file and --ca-root-file
+    (in cluster: a projected service-account token, the CA's root from a ConfigMap), or --ca-dir
+    (an in-process CA)."""
     if ca_dir is not None:
         if ca_address is not None:
             raise UserError("give --ca-dir (in-process CA) or --ca-address (CSR API), not both")
@@ -116,11 +119,25 @@ def make_signer(ca_address: str | None, node_credential: Path | None, ca_dir: Pa
         return LocalSigner(CertificateAuthority(material))
     if ca_address is None:
         raise UserError("the cert manager needs --ca-address HOST:PORT (with --node-credential) or --ca-dir")
-    if node_credential is None:
-        raise UserError("--ca-address needs --node-credential DIR (from `accel ca issue-node`)")
     from certs.api import CA_SERVER_NAME
     from certs.client import CaClient, server_trust
     from certs.keys import load_key_pem
+
+    if token_file is not None:
+        if node_credential is not None:
+            raise UserError("give --node-credential or --ca-token-file, not both")
+        if root_file is None:
+            raise UserError("--ca-token-file needs --ca-root-file (the CA's root-cert.pem)")
+        try:
+            roots = root_file.read_text()
+            token_file.read_text()
+        except OSError as e:
+            raise UserError(f"cannot read {e.filename} ({e.strerror})") from None
+        # Re-read on every request: the kubelet rotates projected tokens.
+        return CaClient(ca_address, server_trust(roots), server_name=CA_SERVER_NAME,
+                        token=lambda: token_file.read_text().strip())
+    if node_credential is None:
+        raise UserError("--ca-address needs --node-credential DIR (from `accel ca issue-node`) or --ca-token-file")
 
     try:
         chain = (node_credential / "node-cert.pem").read_text()

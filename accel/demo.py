@@ -10,7 +10,7 @@ import sys
 import time
 
 from accel.lab import Lab
-from bench.fastpath import _iperf3, _sockperf
+from bench.fastpath import iperf3_throughput, sockperf_pingpong
 from sockops_bpf.inspect import describe
 
 
@@ -57,8 +57,8 @@ def run(megabytes: int = 256) -> int:
             moved, secs = _checked_transfer(lab, megabytes, 7000 + len(results) * 10)
             print(f"    {moved / 2**20:.0f} MiB moved and verified ({secs:.2f}s, Python hashing included)")
             _say(f"{mode}: 64-byte ping-pong latency (sockperf) and 1-stream throughput (iperf3)")
-            m = _sockperf(lab, 2.0, 7100 + len(results) * 10)
-            m["throughput"] = _iperf3(lab, 2.0, 1, 7200 + len(results) * 10)
+            m = sockperf_pingpong(lab, 2.0, 7100 + len(results) * 10)
+            m["throughput"] = iperf3_throughput(lab, 2.0, 1, 7200 + len(results) * 10)
             results[mode] = m
             print(f"    latency p50 {m['latency_p50_seconds'] * 1e6:.1f} us, p99 {m['latency_p99_seconds'] * 1e6:.1f} us;"
                   f" throughput {m['throughput'] * 8 / 1e9:.2f} Gbit/s")

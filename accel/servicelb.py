@@ -13,6 +13,11 @@ Selection rules, as kube-proxy applies them:
 - a port is matched to EndpointSlice ports by its name (this resolves named targetPorts);
 - the first address of an endpoint is the one used (the EndpointSlice API says consumers do so).
 
+A service with no usable backend is refused at connect() (ECONNREFUSED); with the cluster's service
+ranges given (`service_cidrs`), so is an address there that is no service at all (e.g. just deleted).
+Pods that keep service addresses (Istio sidecar/ambient, meshaccel.io/exclude) go into lb_skip by
+their network namespace cookie, which `netns_cookie_of(pod)` supplies (netns_cookie() reads one).
+
 Bad input (a port of 0, an address of the wrong family, more backends than a slot table holds, a
 service with ports but neither selector nor EndpointSlices, two services claiming one address) is
 logged once with the object and counted in meshaccel_bad_input_total; the rest keeps working.
@@ -29,7 +34,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -54,6 +59,7 @@ class LbTables(Protocol):
     slots: MutableMapping[tuple[int, int], Backend]
     members: MutableMapping[tuple[int, Backend], int]
     skip: MutableMapping[int, int]
+    service_cidrs: MutableMapping[str, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +181,7 @@ def desired(svc: Service, slices: list[EndpointSlice], node: str, problem: Probl
 class ServiceLBReconciler:
     def __init__(self, node: str, tables: LbTables, metrics: Metrics | None = None, *,
                  netns_cookie_of: Callable[[Pod], int | None] | None = None,
-                 max_backends: int = LB_MAX_BACKENDS) -> None:
+                 service_cidrs: Sequence[str] = (), max_backends: int = LB_MAX_BACKENDS) -> None:
         self.node = node
         self.tables = tables
         self.metrics = metrics
@@ -193,6 +199,24 @@ class ServiceLBReconciler:
         self._next_id = 1
         self.synced = False
         self.map_ops = 0  # writes and deletes issued, for tests and benchmarks
+        if service_cidrs:
+            self.set_service_cidrs(service_cidrs)
+
+    def set_service_cidrs(self, cidrs: Sequence[str]) -> None:
+        """The cluster's service ranges: an address there with no service is refused (ECONNREFUSED at
+        once, as for a service without endpoints) instead of wandering off to the default route."""
+        want: set[str] = set()
+        for c in cidrs:
+            try:
+                want.add(str(ipaddress.ip_network(c, strict=True)))
+            except ValueError as e:
+                self._problem("service_cidr_invalid", ObjectKey(Kind.SERVICE, "", "-"), c,
+                              f"service CIDR {c!r} is not a network address ({e}); ignored")
+        have = set(self.tables.service_cidrs)
+        for c in sorted(want - have):
+            self._put(self.tables.service_cidrs, c, 1)
+        for c in sorted(have - want):
+            self._del(self.tables.service_cidrs, c)
 
     # --- entry points ---------------------------------------------------------------------------
 
@@ -264,7 +288,7 @@ class ServiceLBReconciler:
                 if self.metrics:
                     self.metrics.errors.labels("servicelb", "map_write").inc()
                 self._retry.add(key)
-                self._forget(fe)  # next time from scratch, under a new id
+                self._remove(fe)  # best effort; next time from scratch, under a new id
                 continue
             self._owner[fe] = key
             self._by_service.setdefault(key, set()).add(fe)

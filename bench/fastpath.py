@@ -21,7 +21,7 @@ from bench.common import median, report
 PCT = re.compile(r"percentile (\d+\.\d+) =\s+([\d.]+)")
 
 
-def _sockperf(lab: Lab, seconds: float, port: int) -> dict[str, float]:
+def sockperf_pingpong(lab: Lab, seconds: float, port: int) -> dict[str, float]:
     ip = lab.pod("pod1").ipv4
     server = lab.popen("pod1", ["sockperf", "sr", "--tcp", "-i", ip, "-p", str(port)],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -38,7 +38,7 @@ def _sockperf(lab: Lab, seconds: float, port: int) -> dict[str, float]:
     return {"latency_p50_seconds": pct[50.0], "latency_p99_seconds": pct[99.0]}
 
 
-def _iperf3(lab: Lab, seconds: float, streams: int, port: int) -> float:
+def iperf3_throughput(lab: Lab, seconds: float, streams: int, port: int) -> float:
     ip = lab.pod("pod1").ipv4
     server = lab.popen("pod1", ["iperf3", "-s", "-1", "-B", ip, "-p", str(port)],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -54,9 +54,9 @@ def _iperf3(lab: Lab, seconds: float, streams: int, port: int) -> float:
 
 
 def _measure(lab: Lab, seconds: float, port: int) -> dict[str, float]:
-    m = _sockperf(lab, seconds, port)
-    m["throughput_1_stream_bytes_per_second"] = _iperf3(lab, seconds, 1, port + 1)
-    m["throughput_4_streams_bytes_per_second"] = _iperf3(lab, seconds, 4, port + 2)
+    m = sockperf_pingpong(lab, seconds, port)
+    m["throughput_1_stream_bytes_per_second"] = iperf3_throughput(lab, seconds, 1, port + 1)
+    m["throughput_4_streams_bytes_per_second"] = iperf3_throughput(lab, seconds, 4, port + 2)
     return m
 
 

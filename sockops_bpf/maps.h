@@ -138,6 +138,7 @@ static __always_inline void ip_from_v6(struct ip_addr *ip, const __u32 w0, const
 #define LB_MAX_REVERSE 131072  /* (socket, backend) -> frontend, for getpeername and UDP replies */
 #define LB_MAX_AFFINITY 65536  /* (client netns, frontend) -> backend, sessionAffinity ClientIP */
 #define LB_MAX_SKIP 16384      /* client network namespaces that keep the service address */
+#define LB_MAX_CIDRS 64        /* service ranges: an address there that is no service is refused */
 
 struct lb_svc_key {
     struct ip_addr vip;
@@ -205,6 +206,12 @@ struct lb_skip_entry {
 #define LB_SKIP_EXCLUDED 1 /* meshaccel.io/exclude */
 #define LB_SKIP_ISTIO 2    /* Istio sidecar or ambient: Istio needs the VIP */
 
+/* LPM trie key; IPv4 ranges are IPv4-mapped, so their prefixlen is 96 + the IPv4 one. */
+struct lb_cidr_key {
+    __u32 prefixlen;
+    struct ip_addr ip;
+};
+
 enum lb_counter {
     LB_CNT_TRANSLATED = 0,  /* connect/sendmsg rewritten to a backend */
     LB_CNT_NO_BACKEND = 1,  /* refused: the service has no usable backend */
@@ -212,6 +219,7 @@ enum lb_counter {
     LB_CNT_AFFINITY_HIT = 3,
     LB_CNT_REVERSED = 4,    /* recvmsg/getpeername answers rewritten back to the service */
     LB_CNT_SLOT_MISS = 5,   /* a slot vanished under a reader (should stay 0) */
+    LB_CNT_NO_SERVICE = 6,  /* refused: an address in a service range that is no service (e.g. deleted) */
     LB_CNT_MAX = 8,
 };
 
@@ -228,6 +236,8 @@ BPF_TABLE_PINNED("lru_hash", struct lb_affinity_key, struct lb_affinity_entry, l
 BPF_TABLE_PINNED7("hash", struct lb_skip_key, struct lb_skip_entry, lb_skip, LB_MAX_SKIP, PIN_DIR "/lb_skip",
                   BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("percpu_array", int, __u64, lb_counters, LB_CNT_MAX, PIN_DIR "/lb_counters");
+BPF_TABLE_PINNED7("lpm_trie", struct lb_cidr_key, __u32, lb_service_cidrs, LB_MAX_CIDRS, PIN_DIR "/lb_service_cidrs",
+                  BPF_F_NO_PREALLOC);
 
 static __always_inline void lb_count(int which)
 {

@@ -9,8 +9,9 @@
  * The reverse direction uses lb_reverse, keyed by (socket cookie, backend): written at translation,
  * read by recvmsg/getpeername, evicted by LRU when sockets are long gone.
  * A service with no usable backend makes connect()/sendmsg() fail at once with ECONNREFUSED
- * (bpf_set_retval; a bare `return 0` would say EPERM). Namespaces in lb_skip (pods Istio handles,
- * pods labelled meshaccel.io/exclude) keep the service address. */
+ * (bpf_set_retval; a bare `return 0` would say EPERM); so does an address inside a service range
+ * (lb_service_cidrs) that is no service, e.g. one just deleted. Namespaces in lb_skip (pods Istio
+ * handles, pods labelled meshaccel.io/exclude) keep the service address. */
 
 #ifndef ECONNREFUSED
 #define ECONNREFUSED 111
@@ -23,18 +24,35 @@ static __u64 (*lb_socket_cookie)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie
 #define LB_TRANSLATED 1 /* *out holds the backend */
 #define LB_REFUSE 2     /* a service with no usable backend */
 
+/* Clients that keep service addresses (Istio needs the VIP; meshaccel.io/exclude). */
+static __always_inline int lb_skipped(struct bpf_sock_addr *ctx, __u64 netns_cookie)
+{
+    struct lb_skip_key skey = {};
+    skey.netns_cookie = netns_cookie;
+    struct lb_skip_entry *skip = lb_skip.lookup(&skey);
+    if (skip)
+        lb_count(LB_CNT_SKIPPED);
+    return skip != 0;
+}
+
 static __always_inline int lb_pick(struct bpf_sock_addr *ctx, struct lb_svc_key *key, struct lb_addr *out)
 {
+    __u64 netns_cookie = bpf_get_netns_cookie(ctx);
     struct lb_svc *svc = lb_services.lookup(key);
-    if (!svc)
-        return LB_PASS;
-    struct lb_skip_key skey = {};
-    skey.netns_cookie = bpf_get_netns_cookie(ctx);
-    struct lb_skip_entry *skip = lb_skip.lookup(&skey);
-    if (skip) {
-        lb_count(LB_CNT_SKIPPED);
-        return LB_PASS;
+    if (!svc) {
+        /* Not a service. Inside a service range it is one no more (deleted) or never was: refuse at
+         * once rather than let the connection wander to the default route. */
+        struct lb_cidr_key ck = {};
+        ck.prefixlen = 128;
+        __builtin_memcpy(&ck.ip, &key->vip, sizeof(ck.ip));
+        __u32 *in_range = lb_service_cidrs.lookup(&ck);
+        if (!in_range || lb_skipped(ctx, netns_cookie))
+            return LB_PASS;
+        lb_count(LB_CNT_NO_SERVICE);
+        return LB_REFUSE;
     }
+    if (lb_skipped(ctx, netns_cookie))
+        return LB_PASS;
     /* One read of the value: id, count and flags come from the same version of the entry. */
     __u32 id = svc->id;
     __u32 count = svc->count;
@@ -48,7 +66,7 @@ static __always_inline int lb_pick(struct bpf_sock_addr *ctx, struct lb_svc_key 
     struct lb_affinity_key akey = {};
     __u64 now = 0;
     if (flags & LB_F_AFFINITY) {
-        akey.netns_cookie = skey.netns_cookie;
+        akey.netns_cookie = netns_cookie;
         akey.svc_id = id;
         now = bpf_ktime_get_ns();
         struct lb_affinity_entry *a = lb_affinity.lookup(&akey);

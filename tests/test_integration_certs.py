@@ -9,7 +9,6 @@ running CA, shows them in /status and `accel certs --agent`, and follows a pod a
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -204,6 +203,6 @@ def test_agent_gets_its_pods_certificates_from_ca_serve(ca_server: tuple[str, Pa
         assert "meshaccel_state_objects" in metrics
     finally:
         assert stop(proc) == 0
-    assert "PRIVATE KEY" not in status_file.read_text()
-    assert not any("key" in p.name for p in tmp_path.rglob("*") if p.is_file() and p.parent.name == "state")
-    assert os.path.exists(status_file)
+    # Keys stay in the agent's memory: nothing it wrote holds one.
+    written = [status_file, *(p for p in (tmp_path / "state").rglob("*") if p.is_file())]
+    assert all("PRIVATE KEY" not in p.read_text(errors="replace") for p in written)

@@ -42,6 +42,7 @@ from sockops_bpf.maps import Backend, Frontend, LbMaps, open_lb
 from tests.conftest import leftovers, require
 
 NODE = "node1"
+SERVICE_CIDRS = ("10.96.0.0/16", "fd00:96::/112")
 PORT = 8080  # every backend listens here (TCP and UDP, v4 and v6) and answers with its pod name
 
 # A backend: answers each TCP connection with its name, then echoes; answers each datagram with its name.
@@ -186,7 +187,7 @@ def test_lb_layouts_match_maps_h(tmp_path: Path) -> None:
             want[f"{name}.{fld}"] = getattr(cls, fld).offset
     consts = {k: getattr(layout, k) for k in ("LB_MAX_SERVICES", "LB_MAX_SLOTS", "LB_MAX_BACKENDS", "LB_MAX_REVERSE",
                                               "LB_MAX_AFFINITY", "LB_MAX_SKIP", "LB_F_AFFINITY", "LB_SKIP_EXCLUDED",
-                                              "LB_SKIP_ISTIO", "LB_CNT_MAX")}
+                                              "LB_SKIP_ISTIO", "LB_CNT_MAX", "LB_MAX_CIDRS")}
     consts.update({f"LB_CNT_{c.name}": int(c) for c in layout.LbCounter})
     for k in consts:
         lines.append(f'printf("{k} %ld\\n", (long)({k}));')
@@ -276,7 +277,7 @@ class LbLab:
         self.metrics = Metrics()
         self.state = ClusterState()
         cookies = {lab.pod(n).ipv4: netns_cookie(f"/run/netns/{lab.pod(n).netns}") for n in lab.pods}
-        self.rec = ServiceLBReconciler(NODE, self.maps, self.metrics,
+        self.rec = ServiceLBReconciler(NODE, self.maps, self.metrics, service_cidrs=SERVICE_CIDRS,
                                        netns_cookie_of=lambda p: cookies.get(p.ips[0]) if p.ips else None)
         self.rec.state = self.state
         self.state.subscribe(self.rec.on_change)
@@ -423,12 +424,16 @@ def test_service_deleted_or_without_backends_refuses_at_once(lb: LbLab) -> None:
     assert lb.client("pod1", "tcp", vip, 80, 3)["errors"] == Counter({str(errno.ECONNREFUSED): 3})
     lb.apply(add(sl))
     assert lb.client("pod1", "tcp", vip, 80, 3)["names"] == Counter({"pod2": 3})
+    assert counters(lb)["lb_no_backend"] >= 3
     lb.apply(delete(svc))
     assert Frontend(vip, 80, 6) not in lb.maps.services
-    # gone from the maps: the VIP is no service any more, and this lab has no route to it
-    assert lb.client("pod1", "tcp", vip, 80, 2)["errors"] == Counter({str(errno.ENETUNREACH): 2})
-    refused = counters(lb)["lb_no_backend"]
-    assert refused >= 3
+    # deleted: still inside the service range, so refused at once rather than sent anywhere
+    assert lb.client("pod1", "tcp", vip, 80, 3)["errors"] == Counter({str(errno.ECONNREFUSED): 3})
+    assert lb.client("pod1", "udp", vip, 80, 1)["errors"] == Counter({str(errno.ECONNREFUSED): 1})
+    assert counters(lb)["lb_no_service"] >= 4
+    assert sorted(lb.maps.service_cidrs) == sorted(SERVICE_CIDRS)
+    # outside every service range nothing is touched: this lab has no route there
+    assert lb.client("pod1", "tcp", "10.97.0.1", 80, 1)["errors"] == Counter({str(errno.ENETUNREACH): 1})
 
 
 def test_ipv6_service(lb: LbLab) -> None:

@@ -39,6 +39,10 @@ def register(sub: Any) -> None:
     c.add_argument("--ca-address", metavar="HOST:PORT", help="the CSR API (`accel ca serve`) to get workload SVIDs from")
     c.add_argument("--node-credential", type=Path, metavar="DIR",
                    help="with --ca-address: node-cert.pem, node-key.pem, root-cert.pem from `accel ca issue-node`")
+    c.add_argument("--ca-token-file", type=Path, metavar="FILE",
+                   help="in cluster: projected service-account token (audience meshaccel-ca) for the CSR API")
+    c.add_argument("--ca-root-file", type=Path, metavar="FILE",
+                   help="with --ca-token-file: the CA's root-cert.pem (the meshaccel-ca-root ConfigMap)")
     c.add_argument("--ca-dir", type=Path, metavar="DIR", help="standalone/lab: sign in-process with the CA in this folder")
     c.add_argument("--cert-ttl", type=int, default=86400, metavar="SECONDS", help="leaf validity asked for")
     c.add_argument("--cert-status-file", type=Path, default=Path("/run/meshaccel/certs.json"),
@@ -113,12 +117,13 @@ def check_l7(args: argparse.Namespace) -> None:
 
 def make_cert_manager(args: argparse.Namespace) -> AgentCertManager | None:
     if args.ca_address is None and args.ca_dir is None:
-        if args.node_credential is not None:
-            raise UserError("--node-credential needs --ca-address HOST:PORT")
+        if args.node_credential is not None or args.ca_token_file is not None:
+            raise UserError("--node-credential and --ca-token-file need --ca-address HOST:PORT")
         return None
     if args.cert_ttl < 60:
         raise UserError(f"--cert-ttl {args.cert_ttl} is too short; give at least 60 seconds")
-    return AgentCertManager(make_signer(args.ca_address, args.node_credential, args.ca_dir), ttl=args.cert_ttl,
+    signer = make_signer(args.ca_address, args.node_credential, args.ca_dir, args.ca_token_file, args.ca_root_file)
+    return AgentCertManager(signer, ttl=args.cert_ttl,
                             status_path=args.cert_status_file)
 
 

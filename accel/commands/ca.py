@@ -32,6 +32,8 @@ def register(sub: Any) -> None:
     init.add_argument("--key-type", choices=["ec-p256", "rsa-3072"], default="ec-p256")
     init.add_argument("--validity-days", type=int, default=3650)
     init.add_argument("--force", action="store_true", help="replace an existing CA (every issued cert stops verifying)")
+    init.add_argument("--if-missing", action="store_true",
+                      help="keep an existing CA and exit 0 (for an init container that runs on every start)")
     init.set_defaults(func=cmd_init)
 
     rot = ca_sub.add_parser(
@@ -63,6 +65,8 @@ def register(sub: Any) -> None:
     srv.add_argument("--token-audience", action="append", default=[], help="audience the tokens must carry")
     srv.add_argument("--dns-name", action="append", default=[],
                      help="DNS name in the serving certificate (default meshaccel-ca.meshaccel-system.svc)")
+    srv.add_argument("--root-configmap", metavar="NAMESPACE/NAME",
+                     help="in cluster: publish the trust bundle (root-cert.pem) in this ConfigMap for node agents")
     srv.add_argument("--sync-timeout", type=float, default=30.0,
                      help="seconds to wait for the first full list of pods before serving anyway")
     srv.set_defaults(func=cmd_serve)
@@ -135,6 +139,9 @@ def cmd_init(args: argparse.Namespace) -> int:
         existing = store.load()
     except Exception:
         existing = None
+    if existing is not None and args.if_missing and not args.force:
+        print(f"kept the CA in {store.describe()}")
+        return 0
     if existing is not None and not args.force:
         raise UserError(f"{store.describe()} already holds a CA; use `accel ca rotate-root` or --force to replace it")
     if args.validity_days < 1:
@@ -299,6 +306,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.warning("event=pods_not_synced seconds=%s: serving; nodes get nothing until the pods are listed",
                     args.sync_timeout)
     service = CertificateService(ca, pods_on_node(state), verifier)
+    publish = _root_publisher(args)
+    publish(ca)
     addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         server, bound = serve(service, addr, server_credentials(ca, args.dns_name or (CA_SERVER_NAME,)))
@@ -317,11 +326,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
             reload.clear()
             try:
                 service.set_ca(_load_ca(store))
+                publish(service.ca)
                 log.info("event=ca_reloaded %s", _describe_root(service.ca))
             except UserError as e:
                 log.error("event=ca_reload_failed error=%r (still signing with the previous CA)", str(e))
     server.stop(2).wait(5)
     return 0
+
+
+def _root_publisher(args: argparse.Namespace) -> Any:
+    """A function that writes the CA's trust bundle to --root-configmap (a no-op without it): node
+    agents mount that ConfigMap to authenticate the CSR API, the way Istio spreads istio-ca-root-cert."""
+    if not args.root_configmap:
+        return lambda ca: None
+    ns, _, name = args.root_configmap.partition("/")
+    if not ns or not name:
+        raise UserError(f"--root-configmap {args.root_configmap!r} must be NAMESPACE/NAME")
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    _kube_config(args.kubeconfig)
+    core = client.CoreV1Api()
+
+    def publish(ca: Any) -> None:
+        body = client.V1ConfigMap(metadata=client.V1ObjectMeta(name=name, namespace=ns),
+                                  data={"root-cert.pem": ca.trust_bundle_pem()})
+        try:
+            core.replace_namespaced_config_map(name, ns, body)
+        except ApiException as e:
+            if e.status != 404:
+                log.error("event=root_publish_failed configmap=%s status=%s", args.root_configmap, e.status)
+                return
+            core.create_namespaced_config_map(ns, body)
+        log.info("event=root_published configmap=%s", args.root_configmap)
+
+    return publish
 
 
 def _kube_config(kubeconfig: str | None) -> None:

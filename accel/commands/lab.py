@@ -7,8 +7,10 @@ import os
 import subprocess
 import sys
 
+from accel import lab_agent
 from accel.errors import UserError
 from accel.lab import Lab, down_all, list_labs
+from accel.state.model import MtlsMode
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -19,6 +21,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     up.add_argument("--pods", type=int, default=2)
     up.add_argument("--id", help="lab id (default: random)")
     up.add_argument("--no-bpf", action="store_true", help="plain kernel path, nothing attached")
+    up.add_argument("--agent", action="store_true",
+                    help="run `accel agent` for the node against a manifest folder of the lab's pods")
+    up.add_argument("--envoy", action="store_true", help="with --agent: a real Envoy for the node, on the agent's xDS")
+    up.add_argument("--certs", action="store_true", help="with --agent: a lab CA and the agent's cert manager (SDS)")
+    up.add_argument("--mtls", choices=["strict", "permissive", "disable"],
+                    help="with --agent: meshaccel.io/mtls on the lab namespace")
     up.set_defaults(func=cmd_up)
 
     down = lab.add_parser("down", help="remove a lab (or --all labs, also what a crashed run left)")
@@ -52,20 +60,36 @@ def _pick(lab_id: str | None) -> Lab:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    if (args.envoy or args.certs or args.mtls) and not args.agent:
+        raise UserError("--envoy, --certs and --mtls need --agent")
     lab = Lab(args.pods, lab_id=args.id, attach=not args.no_bpf).up()
     print(f"lab {lab.id} up: {len(lab.pods)} pods, eBPF {'attached at ' + str(lab.cgroup) if lab.attach else 'off'}")
     for p in lab.pods.values():
         print(f"  {p.name:8} {p.ipv4:15} {p.ipv6:22} netns={p.netns}")
+    if args.agent:
+        try:
+            la = lab_agent.LabAgent(lab, envoy=args.envoy, certs=args.certs,
+                                    mtls=MtlsMode(args.mtls) if args.mtls else None).up()
+        except BaseException:
+            lab.down()
+            raise
+        print(f"agent for node {la.node}: {la.url} (accel status --agent {la.url}); "
+              f"drop Services/EndpointSlices/HTTPRoutes into {la.manifests}")
+        if args.envoy:
+            print(f"envoy in the node namespace, listeners on {lab.node_ipv4}; admin: curl --unix-socket "
+                  f"{la.admin_socket} http://x/config_dump")
     print(f"run in a pod: accel lab exec --id {lab.id} pod1 -- CMD; remove: accel lab down --id {lab.id}")
     return 0
 
 
 def cmd_down(args: argparse.Namespace) -> int:
     if args.all:
+        lab_agent.stop_all()
         removed = down_all()
         print(f"removed {len(removed)} lab(s){': ' + ', '.join(removed) if removed else ''}")
         return 0
     lab = _pick(args.id)
+    lab_agent.stop(lab.id)
     lab.down()
     print(f"lab {lab.id} removed")
     return 0
