@@ -22,7 +22,7 @@ from typing import Any
 
 from prometheus_client import REGISTRY, generate_latest
 
-from accel.agent_certs import AgentCertManager, CertsReconciler
+from accel.agent_certs import CertsReconciler
 from accel.agent_xds import DEFAULT_PORT_BASE, XdsBridge
 from accel.metrics import Metrics
 from accel.reconcile import LocalEndpointsReconciler
@@ -30,6 +30,7 @@ from accel.sources.base import Source
 from accel.state.identity import DEFAULT_TRUST_DOMAIN
 from accel.state.model import Event, Kind, MtlsMode
 from accel.state.store import ClusterState
+from certs.manager import CertManager
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class _QueueSink:
 class Agent:
     def __init__(self, config: AgentConfig, source: Source, local_endpoints: MutableMapping[str, int], *,
                  reconciler: type[LocalEndpointsReconciler] = LocalEndpointsReconciler,
-                 cert_manager: AgentCertManager | None = None) -> None:
+                 cert_manager: CertManager | None = None) -> None:
         self.config = config
         self.source = source
         self.metrics = Metrics()

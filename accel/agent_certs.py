@@ -23,19 +23,6 @@ from xds.sds import SecretMaterial
 log = logging.getLogger(__name__)
 
 
-class AgentCertManager(CertManager):
-    def refresh_all(self) -> int:
-        """Make every identity due now (an operator-forced rotation); the loop renews them at once.
-        Needs the manager's entries: certs.manager has no public call for this yet."""
-        now = self.clock()
-        with self._lock:
-            for entry in self._entries.values():
-                entry.due = now
-            n = len(self._entries)
-        self._wake.set()
-        return n
-
-
 def wants_certificate(w: Workload, node: str) -> bool:
     """Pods on this node that our mesh serves; Istio-managed pods get theirs from Istio."""
     return eligible(w, node) and not w.istio_managed
@@ -44,7 +31,7 @@ def wants_certificate(w: Workload, node: str) -> bool:
 class CertsReconciler:
     """Follows the model's workloads and hands the set of local identities to the manager."""
 
-    def __init__(self, node: str, manager: AgentCertManager, on_problem: Callable[[str, str], None]) -> None:
+    def __init__(self, node: str, manager: CertManager, on_problem: Callable[[str, str], None]) -> None:
         self.node = node
         self.manager = manager
         self.on_problem = on_problem

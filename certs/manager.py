@@ -189,6 +189,17 @@ class CertManager:
         self._write_status()
         return renewed
 
+    def refresh_all(self) -> int:
+        """Make every identity due now (an operator-forced rotation); the loop renews them at once.
+        Returns how many identities will be renewed."""
+        now = self.clock()
+        with self._lock:
+            for entry in self._entries.values():
+                entry.due = now
+            n = len(self._entries)
+        self._wake.set()
+        return n
+
     def prefetch(self) -> int:
         """Fetch everything that is due now (at start, every identity); same as run_due."""
         return self.run_due()

@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from accel.agent import Agent, AgentConfig
-from accel.agent_certs import AgentCertManager, make_signer
+from accel.agent_certs import make_signer
 from accel.agent_xds import DEFAULT_PORT_BASE
 from accel.errors import UserError
 from accel.sources.base import Source
 from accel.state.model import MtlsMode
+from certs.manager import CertManager
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def check_l7(args: argparse.Namespace) -> None:
         raise UserError(f"--l7-port-base {args.l7_port_base} must be between 1 and 65000")
 
 
-def make_cert_manager(args: argparse.Namespace) -> AgentCertManager | None:
+def make_cert_manager(args: argparse.Namespace) -> CertManager | None:
     if args.ca_address is None and args.ca_dir is None:
         if args.node_credential is not None or args.ca_token_file is not None:
             raise UserError("--node-credential and --ca-token-file need --ca-address HOST:PORT")
@@ -123,7 +124,7 @@ def make_cert_manager(args: argparse.Namespace) -> AgentCertManager | None:
     if args.cert_ttl < 60:
         raise UserError(f"--cert-ttl {args.cert_ttl} is too short; give at least 60 seconds")
     signer = make_signer(args.ca_address, args.node_credential, args.ca_dir, args.ca_token_file, args.ca_root_file)
-    return AgentCertManager(signer, ttl=args.cert_ttl,
+    return CertManager(signer, ttl=args.cert_ttl,
                             status_path=args.cert_status_file)
 
 
