@@ -26,6 +26,7 @@ from accel.agent_certs import CertsReconciler
 from accel.agent_xds import DEFAULT_PORT_BASE, XdsBridge
 from accel.metrics import Metrics
 from accel.reconcile import LocalEndpointsReconciler
+from accel.servicelb import LbTables, ServiceLBReconciler
 from accel.sources.base import Source
 from accel.state.identity import DEFAULT_TRUST_DOMAIN
 from accel.state.model import Event, Kind, MtlsMode
@@ -50,6 +51,7 @@ class AgentConfig:
     xds_listen: str | None = None  # "HOST:PORT" or "unix:PATH"; None: no xDS server
     l7_bind: str = "127.0.0.1"  # where this node's Envoy listens for L7 services and inbound mTLS
     l7_port_base: int = DEFAULT_PORT_BASE
+    service_cidrs: tuple[str, ...] = ()  # the cluster's service ranges: a VIP there with no service is refused
 
 
 class _QueueSink:
@@ -74,7 +76,7 @@ class _QueueSink:
 class Agent:
     def __init__(self, config: AgentConfig, source: Source, local_endpoints: MutableMapping[str, int], *,
                  reconciler: type[LocalEndpointsReconciler] = LocalEndpointsReconciler,
-                 cert_manager: CertManager | None = None) -> None:
+                 cert_manager: CertManager | None = None, lb_tables: LbTables | None = None) -> None:
         self.config = config
         self.source = source
         self.metrics = Metrics()
@@ -83,6 +85,15 @@ class Agent:
         self.reconciler = reconciler(config.node, local_endpoints, self.metrics)
         self.reconciler.state = self.state
         self.state.subscribe(self.reconciler.on_change)
+        # Service load balancing (sock_lb.c): adopt what the maps hold (an agent restart keeps service
+        # traffic flowing), then follow the model's Services and EndpointSlices.
+        self.servicelb: ServiceLBReconciler | None = None
+        if lb_tables is not None:
+            self.servicelb = ServiceLBReconciler(config.node, lb_tables, self.metrics,
+                                                 service_cidrs=config.service_cidrs)
+            self.servicelb.state = self.state
+            self.servicelb.adopt()
+            self.state.subscribe(self.servicelb.on_change)
         self.certs: CertsReconciler | None = None
         if cert_manager is not None:
             self.certs = CertsReconciler(config.node, cert_manager, self.report_problem)
@@ -242,6 +253,7 @@ class Agent:
             "lag_seconds": self.lag_seconds,
             "objects": {str(k): counts[k] for k in Kind},
             "local_endpoints": len(self.reconciler.desired()),
+            "service_frontends": self.servicelb.frontend_count() if self.servicelb is not None else None,
             "healthy": self.healthy(),
             "certs": self.certs.status() if self.certs is not None else None,
             "xds": self.xds.status() if self.xds is not None else None,

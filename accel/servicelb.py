@@ -220,6 +220,10 @@ class ServiceLBReconciler:
 
     # --- entry points ---------------------------------------------------------------------------
 
+    def frontend_count(self) -> int:
+        """Service frontends (VIP, port, protocol) programmed now."""
+        return len(self._programmed)
+
     def adopt(self) -> int:
         """Take over what the maps already hold (an agent restart): nothing is flushed, so service
         traffic keeps flowing; what no service claims any more goes at the first full sync."""

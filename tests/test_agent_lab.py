@@ -72,10 +72,11 @@ def wait_until(cond: Callable[[], bool], timeout: float = 20.0) -> bool:
     return cond()
 
 
-def start_agent(lab: Lab, folder: Path, state: Path) -> tuple[subprocess.Popen[str], str]:
+def start_agent(lab: Lab, folder: Path, state: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "accel.cli", "agent", "--node", NODE, "--source", f"manifests:{folder}",
-         "--maps", "pinned", "--instance", lab.instance, "--state-dir", str(state), "--listen", "127.0.0.1:0"],
+         "--maps", "pinned", "--instance", lab.instance, "--state-dir", str(state), "--listen", "127.0.0.1:0",
+         *extra],
         cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=dict(os.environ))
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -141,3 +142,62 @@ def test_agent_drives_the_pinned_map_and_survives_sigkill(make_lab: Callable[...
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
+
+
+ECHO = ("import socket,sys\n"
+        "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+        "s.bind((sys.argv[1], 8080)); s.listen(64); print('up', flush=True)\n"
+        "while True:\n"
+        "    c,_=s.accept(); c.sendall(sys.argv[2].encode()); c.close()\n")
+
+
+def ask(lab: Lab, pod: str, host: str, port: int) -> str:
+    """connect() from a pod; the server's name, or the errno name when the connect fails."""
+    code = ("import socket,sys,errno\n"
+            "s=socket.socket()\n"
+            "try:\n"
+            f"    s.connect(({host!r}, {port})); print(s.recv(100).decode(), s.getpeername()[0])\n"
+            "except OSError as e:\n"
+            "    print(errno.errorcode[e.errno])\n")
+    return lab.run(pod, [sys.executable, "-c", code], capture_output=True, text=True, timeout=30).stdout.strip()
+
+
+def test_agent_programs_a_clusterip_from_the_manifest_folder(make_lab: Callable[..., Any], tmp_path: Path) -> None:
+    """Service + EndpointSlice files -> the agent's service LB -> connect() to the VIP from a pod
+    reaches a backend pod, and the app sees the VIP; the Service deleted -> ECONNREFUSED at once."""
+    lab: Lab = make_lab(3)
+    folder, state = tmp_path / "manifests", tmp_path / "state"
+    folder.mkdir()
+    vip = "10.96.7.7"
+    for name in ("pod1", "pod2", "pod3"):
+        p = lab.pod(name)
+        (folder / f"{name}.yaml").write_text(pod_yaml(name, p.ipv4, p.ipv6, name))
+    svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo", "namespace": "lab"},
+           "spec": {"clusterIP": vip, "clusterIPs": [vip], "selector": {"app": "echo"},
+                    "ports": [{"name": "tcp", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}}
+    eps = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+           "metadata": {"name": "echo-1", "namespace": "lab", "labels": {"kubernetes.io/service-name": "echo"}},
+           "addressType": "IPv4", "ports": [{"name": "tcp", "port": 8080, "protocol": "TCP"}],
+           "endpoints": [{"addresses": [lab.pod(n).ipv4], "conditions": {"ready": True}, "nodeName": NODE}
+                         for n in ("pod2", "pod3")]}
+    servers = [lab.popen(n, [sys.executable, "-c", ECHO, lab.pod(n).ipv4, n], stdout=subprocess.PIPE, text=True)
+               for n in ("pod2", "pod3")]
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        for s in servers:
+            assert s.stdout is not None and s.stdout.readline().strip() == "up"
+        proc, base = start_agent(lab, folder, state, "--service-cidr", "10.96.0.0/16")
+        procs.append(proc)
+        assert wait_until(lambda: ready(base))
+        assert ask(lab, "pod1", vip, 80) == "ECONNREFUSED"  # in the service range, but no such service yet
+        (folder / "svc.yaml").write_text(json.dumps(svc))
+        (folder / "eps.yaml").write_text(json.dumps(eps))
+        assert wait_until(lambda: ask(lab, "pod1", vip, 80).endswith(vip))
+        seen = {ask(lab, "pod1", vip, 80) for _ in range(30)}
+        assert seen == {f"pod2 {vip}", f"pod3 {vip}"}  # both backends, and getpeername() gives the VIP
+        (folder / "svc.yaml").unlink()
+        assert wait_until(lambda: ask(lab, "pod1", vip, 80) == "ECONNREFUSED")
+    finally:
+        for p in [*procs, *servers]:
+            p.kill()
+            p.wait()

@@ -34,6 +34,9 @@ def register(sub: Any) -> None:
                    help="bpf: compile, pin and attach; pinned: use maps already pinned; memory: no kernel (dry run)")
     p.add_argument("--listen", default="127.0.0.1:9464", help="HOST:PORT for /healthz /readyz /metrics /status")
     p.add_argument("--trust-domain", default="cluster.local")
+    p.add_argument("--service-cidr", action="append", default=[], metavar="CIDR",
+                   help="the cluster's service range (repeat for IPv6): a connect() to an address there "
+                        "that is no service fails at once with ECONNREFUSED")
     p.add_argument("--default-mtls", choices=[m.value for m in MtlsMode], default="disable",
                    help="mTLS mode for pods with no meshaccel.io/mtls annotation on pod or namespace")
     c = p.add_argument_group("certificates (off unless a CA is given)")
@@ -79,18 +82,17 @@ def make_source(spec: str, kubeconfig: str | None) -> Source:
     raise UserError(f"--source {spec!r} is not 'kube' or 'manifests:DIR'")
 
 
-def open_maps(kind: str, instance: str, cgroup: Path | None) -> tuple[MutableMapping[str, int], Any]:
-    """The local endpoint map and the object that owns it (closed on exit)."""
+def open_maps(kind: str, instance: str, cgroup: Path | None) -> tuple[MutableMapping[str, int], Any, Any]:
+    """The local endpoint map, the service LB maps (None in memory mode) and the objects that own
+    them (closed on exit)."""
     if kind == "memory":
-        return {}, None
+        return {}, None, []
     from sockops_bpf import loader, maps
 
-    if kind == "bpf":
-        loaded = loader.load(instance, cgroup)
-        pinned = maps.open_pinned(loaded.pin_dir)
-    else:
-        pinned = maps.open_pinned(loader.pin_dir(instance))
-    return pinned.local_endpoints, pinned
+    pdir = loader.load(instance, cgroup).pin_dir if kind == "bpf" else loader.pin_dir(instance)
+    pinned = maps.open_pinned(pdir)
+    lb = maps.open_lb(pdir)
+    return pinned.local_endpoints, lb, [pinned, lb]
 
 
 def parse_xds_listen(text: str | None) -> str | None:
@@ -138,12 +140,12 @@ def run(args: argparse.Namespace) -> int:
         args.state_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--state-dir {args.state_dir}: cannot create it ({e.strerror})") from e
-    table, owner = open_maps(args.maps, args.instance or args.node, args.cgroup)
+    table, lb, owners = open_maps(args.maps, args.instance or args.node, args.cgroup)
     cfg = AgentConfig(node=args.node, state_dir=args.state_dir, listen=listen, trust_domain=args.trust_domain,
                       default_mtls=MtlsMode(args.default_mtls), xds_listen=xds_listen, l7_bind=args.l7_bind,
-                      l7_port_base=args.l7_port_base)
+                      l7_port_base=args.l7_port_base, service_cidrs=tuple(args.service_cidr))
     try:
-        agent = Agent(cfg, source, table, cert_manager=certs)
+        agent = Agent(cfg, source, table, cert_manager=certs, lb_tables=lb)
     except OSError as e:
         raise UserError(f"--listen {args.listen}: cannot listen ({e.strerror})") from e
     stopping = False
@@ -168,6 +170,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"accel agent: node={args.node}{xds} listening on http://{agent.address}", flush=True)
     agent.wait()
     agent.stop()
-    if owner is not None:
-        owner.close()  # the pins stay: the kernel keeps the fast path while no agent runs
+    for owner in owners:
+        owner.close()  # the pins stay: the kernel keeps the fast path and service LB while no agent runs
     return 0
