@@ -23,7 +23,7 @@ from typing import Any
 from prometheus_client import REGISTRY, generate_latest
 
 from accel.agent_certs import CertsReconciler
-from accel.agent_xds import DEFAULT_PORT_BASE, XdsBridge
+from accel.agent_xds import DEFAULT_PORT_BASE, L7Target, XdsBridge
 from accel.metrics import Metrics
 from accel.reconcile import LocalEndpointsReconciler
 from accel.servicelb import LbTables, ServiceLBReconciler
@@ -37,6 +37,13 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 5000
 _SYNCED = object()
+
+
+@dataclass(frozen=True, slots=True)
+class L7Targets:
+    """Queued by the xDS bridge: where Envoy listens for each L7 service port (see XdsBridge)."""
+
+    targets: dict[L7Target, tuple[str, int]]
 # Problems that are failures of the path to the cluster, not bad input.
 TRANSIENT = frozenset({"watch_failed", "watch_garbled", "apiserver_unreachable", "manifest_folder_unreadable", "watch_unknown_event"})
 
@@ -100,8 +107,12 @@ class Agent:
             self.state.subscribe(self.certs.on_change)
         self.xds: XdsBridge | None = None
         if config.xds_listen is not None:
+            on_targets = None
+            if self.servicelb is not None:  # L7 services' ClusterIPs lead to Envoy (applied in the apply loop)
+                def on_targets(t: dict[L7Target, tuple[str, int]]) -> None:
+                    self._queue.put((L7Targets(t), time.monotonic()))
             self.xds = XdsBridge(config.node, self.state, self.certs, config.l7_bind, config.l7_port_base,
-                                 self.report_problem)
+                                 self.report_problem, on_targets)
             self.state.subscribe(self.xds.on_change)
         self._queue: queue.SimpleQueue[tuple[object, float]] = queue.SimpleQueue()
         self._stop = threading.Event()
@@ -224,6 +235,12 @@ class Agent:
                     self.metrics.ready.set(1)
                     log.info("event=ready node=%s seconds=%.3f objects=%s", self.config.node, self.ready_seconds,
                              json.dumps({str(k): v for k, v in self.state.counts().items()}))
+            elif isinstance(item, L7Targets):
+                if events:  # in order: the model first, then the redirect
+                    self.state.apply(events)
+                    events = []
+                if self.servicelb is not None:
+                    self.servicelb.set_l7_targets(item.targets)
             elif isinstance(item, Event):
                 events.append(item)
                 ck = (item.record.kind, item.type)

@@ -30,7 +30,7 @@ from accel.agent_certs import CertsReconciler, wants_certificate
 from accel.state.model import ChangeSet, EndpointSlice, HTTPRoute, Kind, MtlsMode, Service, ServicePort
 from accel.state.store import ClusterState
 from xds import resources as R
-from xds.cache import SHORT_NAMES, SnapshotCache
+from xds.cache import LISTENER, SHORT_NAMES, SnapshotCache
 from xds.sds import build_secrets, trust_name
 from xds.server import XdsServer
 from xds.translate import L7Options, Resources, snapshot, translate
@@ -67,9 +67,18 @@ class ListenerPorts:
         return dict(self._ports)
 
 
+L7Target = tuple[str, str, int]  # (namespace, service, service port)
+
+
 class XdsBridge:
+    """`on_targets` (if given) learns where each L7 service port's Envoy listener is, for the service
+    LB to send ClusterIP connections there: new and moved listeners only once Envoy has ACKed them
+    (until then connections keep going straight to the endpoints), withdrawn ones before Envoy is
+    told to drop them. So a service becoming L7, or ceasing to be, never refuses a connection."""
+
     def __init__(self, node: str, state: ClusterState, certs: CertsReconciler | None, bind_ip: str,
-                 port_base: int, on_problem: Callable[[str, str], None]) -> None:
+                 port_base: int, on_problem: Callable[[str, str], None],
+                 on_targets: Callable[[dict[L7Target, tuple[str, int]]], None] | None = None) -> None:
         self.node = node
         self.state = state
         self.certs = certs
@@ -83,6 +92,9 @@ class XdsBridge:
         self.last_build_seconds = 0.0
         self.listeners: dict[str, str] = {}  # what each listener serves -> its address
         self.problems: tuple[str, ...] = ()
+        self.on_targets = on_targets
+        self.targets: dict[L7Target, tuple[str, int]] = {}  # published to the service LB
+        self._pending: tuple[str, dict[L7Target, tuple[str, int]]] | None = None  # (version, targets)
         self._dirty = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -113,13 +125,16 @@ class XdsBridge:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._dirty.wait()
+            self._dirty.wait(0.1 if self._pending is not None else None)
             if self._stop.is_set():
                 return
-            self._dirty.clear()
-            if not self.state.synced:
-                continue  # a partial model would withdraw config Envoy already serves; the sync batch re-marks
             try:
+                self._publish_if_acked()
+                if not self._dirty.is_set():
+                    continue
+                self._dirty.clear()
+                if not self.state.synced:
+                    continue  # a partial model would withdraw config Envoy already serves; the sync batch re-marks
                 self.rebuild()
             except Exception:  # a bug must not stop xDS for the next change; logged and counted
                 log.exception("event=xds_rebuild_failed node=%s", self.node)
@@ -133,10 +148,12 @@ class XdsBridge:
         slices = [r for r in self.state.records(Kind.ENDPOINT_SLICE).values() if isinstance(r, EndpointSlice)]
         routes = [r for r in self.state.records(Kind.HTTP_ROUTE).values() if isinstance(r, HTTPRoute)]
         listeners: dict[str, str] = {}
+        targets: dict[L7Target, tuple[str, int]] = {}
 
         def l7_address(svc: Service, port: ServicePort) -> tuple[str, int]:
             p = self.ports.get(f"l7|{svc.namespace}|{svc.name}|{port.port}")
             listeners[f"{svc.namespace}/{svc.name}:{port.port}"] = f"{self.bind_ip}:{p}"
+            targets[(svc.namespace, svc.name, port.port)] = (self.bind_ip, p)
             return self.bind_ip, p
 
         res = translate(services, slices, routes, L7Options(listener_address=l7_address))
@@ -154,6 +171,11 @@ class XdsBridge:
         self.last_build_seconds = time.perf_counter() - t0
         if snap.version == self.version:
             return False
+        # Withdraw first what this snapshot drops or moves; announce the rest once Envoy has it.
+        kept = {k: v for k, v in self.targets.items() if targets.get(k) == v}
+        if kept != self.targets:
+            self._publish(kept)
+        self._pending = (snap.version, targets) if targets != kept else None
         self.cache.set_snapshot(self.node, snap)
         self.version = snap.version
         self.builds += 1
@@ -161,6 +183,25 @@ class XdsBridge:
                  self.node, snap.version, len(res.listeners), len(res.clusters), len(secrets),
                  self.last_build_seconds)
         return True
+
+    def _publish(self, targets: dict[L7Target, tuple[str, int]]) -> None:
+        self.targets = targets
+        if self.on_targets is not None:
+            self.on_targets(dict(targets))
+
+    def _publish_if_acked(self) -> None:
+        """Announce pending listeners once this node's Envoy has ACKed the snapshot holding them."""
+        if self._pending is None:
+            return
+        version, targets = self._pending
+        for stream in self.server.status().streams:
+            if stream.node_id != self.node or stream.settled_version != version:
+                continue
+            lds = next((t for t in stream.types if t.type_url == LISTENER), None)
+            if lds is not None and lds.version_acked == version:
+                self._pending = None
+                self._publish(targets)
+                return
 
     def _add_inbound(self, res: Resources, slices: list[EndpointSlice], listeners: dict[str, str],
                      secret_names: list[str]) -> Resources:

@@ -197,6 +197,9 @@ class ServiceLBReconciler:
         self._pending_workloads: dict[ObjectKey, Workload | None] = {}
         self._reported: set[tuple[str, ObjectKey, str]] = set()
         self._next_id = 1
+        # (namespace, service, port) -> the node Envoy's listener for that L7 service port: its TCP
+        # frontends then lead there instead of to the endpoints (set by the agent's xDS bridge).
+        self.l7_targets: dict[tuple[str, str, int], tuple[str, int]] = {}
         self.synced = False
         self.map_ops = 0  # writes and deletes issued, for tests and benchmarks
         if service_cidrs:
@@ -219,6 +222,25 @@ class ServiceLBReconciler:
             self._del(self.tables.service_cidrs, c)
 
     # --- entry points ---------------------------------------------------------------------------
+
+    def set_l7_targets(self, targets: dict[tuple[str, str, int], tuple[str, int]]) -> None:
+        """Point L7 service ports at Envoy's listeners (or back at their endpoints when withdrawn)."""
+        changed = {k for k in targets.keys() | self.l7_targets.keys() if targets.get(k) != self.l7_targets.get(k)}
+        self.l7_targets = dict(targets)
+        if self.synced:
+            for ns, name in sorted({(ns, name) for ns, name, _ in changed}):
+                self.sync_service(ObjectKey(Kind.SERVICE, ns, name))
+        else:
+            self._pending |= {ObjectKey(Kind.SERVICE, ns, name) for ns, name, _ in changed}
+
+    def _via_envoy(self, key: ObjectKey, want: dict[Frontend, FrontendSpec]) -> dict[Frontend, FrontendSpec]:
+        out = {}
+        for fe, spec in want.items():
+            target = self.l7_targets.get((key.namespace, key.name, fe.port))
+            if target is not None and fe.proto == socket.IPPROTO_TCP and _family(fe.vip) == _family(target[0]):
+                spec = FrontendSpec(spec.service, (Backend(*target),))
+            out[fe] = spec
+        return out
 
     def frontend_count(self) -> int:
         """Service frontends (VIP, port, protocol) programmed now."""
@@ -275,6 +297,8 @@ class ServiceLBReconciler:
         if isinstance(svc, Service):
             want = desired(svc, self.state.slices_of(key.namespace, key.name), self.node, self._problem,
                            self.max_backends)
+            if self.l7_targets:
+                want = self._via_envoy(key, want)
         for fe in list(want):
             owner = self._owner.get(fe)
             if owner is not None and owner != key:

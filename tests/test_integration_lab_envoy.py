@@ -1,9 +1,8 @@
 """End to end in the lab: the real agent (manifest folder -> model -> xDS + certs) and a real Envoy
 in the node's network namespace; HTTP from a pod, by path, to backend pods.
 
-Requests go to the Envoy listener the agent assigned to the L7 service (on the node address), NOT
-to the ClusterIP: sending a ClusterIP's connections to that listener is the connect hook's job,
-which the service load-balancing issue builds.
+Requests go both to the Envoy listener the agent assigned to the L7 service (on the node address)
+and to the service's ClusterIP, whose connections the connect hook sends to that listener.
 """
 
 from __future__ import annotations
@@ -72,11 +71,16 @@ def wait_until(cond: Callable[[], bool], timeout: float = 30.0, what: str = "con
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def service(name: str, backend: str, ip: str | None) -> list[dict[str, Any]]:
+FRONT_VIP = "10.96.0.80"
+
+
+def service(name: str, backend: str, ip: str | None, vip: str | None = None) -> list[dict[str, Any]]:
     """A Service and, with `ip`, its EndpointSlice (the folder has no endpoints controller)."""
     svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": NAMESPACE},
            "spec": {"selector": {"app": backend},
                     "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}}
+    if vip:
+        svc["spec"]["clusterIP"] = vip
     if ip is None:
         return [svc]
     eps = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
@@ -116,7 +120,7 @@ def test_lab_agent_drives_envoy_routes_and_sds(make_lab: Callable[..., Any]) -> 
         la.up()
         envoy_pid = la.pid("envoy")
         docs = [*service("svc-a", "pod2", p2.ipv4), *service("svc-b", "pod3", p3.ipv4),
-                *service("front", "front", None)]
+                *service("front", "front", None, FRONT_VIP)]
         (la.manifests / "services.yaml").write_text(yaml.safe_dump_all(docs))
         (la.manifests / "route.yaml").write_text(yaml.safe_dump(route("svc-a", "svc-b")))
 
@@ -133,10 +137,19 @@ def test_lab_agent_drives_envoy_routes_and_sds(make_lab: Callable[..., Any]) -> 
         assert get("/b") == "pod3"
         assert get("/a/deeper") == "pod2"
 
+        # Through the ClusterIP: the connect hook sends the L7 service's connections to Envoy's
+        # listener (once Envoy has ACKed it), and Envoy routes them by path.
+        def via_vip(path: str) -> str:
+            return run_in(lab, "pod1", HTTP_GET, f"http://{FRONT_VIP}{path}")
+
+        wait_until(lambda: via_vip("/a") == "pod2", what="/a through the ClusterIP routed to pod2")
+        assert via_vip("/b") == "pod3"
+
         # Change the HTTPRoute file: /a now goes to svc-b.
         (la.manifests / "route.yaml").write_text(yaml.safe_dump(route("svc-b", "svc-b")))
         wait_until(lambda: get("/a") == "pod3", what="/a re-routed to pod3")
         assert get("/b") == "pod3"
+        assert via_vip("/a") == "pod3"
 
         # SDS: pod2 is mTLS-enrolled (namespace annotation); Envoy serves its SVID on the inbound listener.
         sid = f"spiffe://cluster.local/ns/{NAMESPACE}/sa/pod2"
