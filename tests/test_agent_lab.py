@@ -201,3 +201,30 @@ def test_agent_programs_a_clusterip_from_the_manifest_folder(make_lab: Callable[
         for p in [*procs, *servers]:
             p.kill()
             p.wait()
+
+
+def test_agent_compiles_in_a_child_and_keeps_llvm_out_of_its_memory(make_lab: Callable[..., Any],
+                                                                   tmp_path: Path) -> None:
+    """`--maps bpf`: the agent loads the programs through `accel load` in a child process, so the
+    long-running agent never maps bcc's LLVM (about 140 MB resident)."""
+    lab: Lab = make_lab(1, attach=False)
+    folder, state = tmp_path / "manifests", tmp_path / "state"
+    folder.mkdir()
+    p1 = lab.pod("pod1")
+    (folder / "pod1.yaml").write_text(pod_yaml("pod1", p1.ipv4, p1.ipv6, "client"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "accel.cli", "agent", "--node", NODE, "--source", f"manifests:{folder}",
+         "--maps", "bpf", "--instance", lab.instance, "--cgroup", str(lab.cgroup), "--state-dir", str(state),
+         "--listen", "127.0.0.1:0"], cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "listening on http://" in line, line
+        base = line.strip().rsplit(" ", 1)[1]
+        assert wait_until(lambda: ready(base))
+        assert wait_until(lambda: pinned(lab) == expected(folder))
+        mapped = Path(f"/proc/{proc.pid}/maps").read_text()
+        assert "libLLVM" not in mapped and "libclang" not in mapped and "libbcc.so" not in mapped
+    finally:
+        proc.kill()
+        proc.wait()

@@ -89,10 +89,29 @@ def open_maps(kind: str, instance: str, cgroup: Path | None) -> tuple[MutableMap
         return {}, None, []
     from sockops_bpf import loader, maps
 
-    pdir = loader.load(instance, cgroup).pin_dir if kind == "bpf" else loader.pin_dir(instance)
+    if kind == "bpf":
+        load_in_child(instance, cgroup)
+    pdir = loader.pin_dir(instance)
     pinned = maps.open_pinned(pdir)
     lb = maps.open_lb(pdir)
     return pinned.local_endpoints, lb, [pinned, lb]
+
+
+def load_in_child(instance: str, cgroup: Path | None) -> None:
+    """Compile and attach in a child process (`accel load`): bcc keeps LLVM mapped (~140 MB) in the
+    process that compiled, and the agent, which only needs the pins, should not carry that."""
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "accel.cli", "load", "--instance", instance]
+    if cgroup is not None:
+        argv += ["--cgroup", str(cgroup)]
+    p = subprocess.run(argv, capture_output=True, text=True)
+    if p.returncode != 0:
+        errors = [ln for ln in p.stderr.splitlines() if ln.startswith("accel: error:")]
+        raise UserError(errors[-1].removeprefix("accel: error: ") if errors
+                        else f"loading the eBPF programs failed: {p.stderr.strip()[-500:]}")
+    log.info("event=bpf_loaded instance=%s %s", instance, p.stdout.strip())
 
 
 def parse_xds_listen(text: str | None) -> str | None:
