@@ -25,6 +25,7 @@ from prometheus_client import REGISTRY, generate_latest
 from accel.agent_certs import CertsReconciler
 from accel.agent_xds import DEFAULT_PORT_BASE, L7Target, XdsBridge
 from accel.metrics import Metrics
+from accel.podns import pod_netns_cookie
 from accel.reconcile import LocalEndpointsReconciler
 from accel.servicelb import LbTables, ServiceLBReconciler
 from accel.sources.base import Source
@@ -97,7 +98,8 @@ class Agent:
         self.servicelb: ServiceLBReconciler | None = None
         if lb_tables is not None:
             self.servicelb = ServiceLBReconciler(config.node, lb_tables, self.metrics,
-                                                 service_cidrs=config.service_cidrs)
+                                                 service_cidrs=config.service_cidrs,
+                                                 netns_cookie_of=pod_netns_cookie)
             self.servicelb.state = self.state
             self.servicelb.adopt()
             self.state.subscribe(self.servicelb.on_change)

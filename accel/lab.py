@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ V6_NET = ipaddress.ip_network("fd00:211::/64")
 @dataclass(frozen=True, slots=True)
 class LabPod:
     name: str
+    uid: str  # as a Pod's metadata.uid; the cgroup is named pod<uid>, as the kubelet names it
     netns: str
     cgroup: str
     ipv4: str
@@ -77,10 +79,12 @@ class Lab:
         self.pods: dict[str, LabPod] = {}
         for i in range(pods):
             name = f"pod{i + 1}"
+            uid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"meshaccel-lab/{self.id}/{name}"))
             self.pods[name] = LabPod(
                 name=name,
+                uid=uid,
                 netns=f"{PREFIX}{self.id}-{name}",
-                cgroup=str(self.cgroup / name),
+                cgroup=str(self.cgroup / f"pod{uid}"),
                 ipv4=str(V4_NET.network_address + 10 + i),
                 ipv6=str(V6_NET.network_address + 10 + i),
             )

@@ -62,7 +62,7 @@ def pods_manifest(lab: Lab, mtls: MtlsMode | None = None) -> str:
     for p in lab.pods.values():
         docs.append({
             "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": p.name, "namespace": NAMESPACE, "labels": {"app": p.name}},
+            "metadata": {"name": p.name, "namespace": NAMESPACE, "uid": p.uid, "labels": {"app": p.name}},
             "spec": {"nodeName": node_name(lab.id), "serviceAccountName": p.name},
             "status": {"phase": "Running", "podIPs": [{"ip": p.ipv4}, {"ip": p.ipv6}],
                        "conditions": [{"type": "Ready", "status": "True"}]},

@@ -195,6 +195,7 @@ class ServiceLBReconciler:
         self._retry: set[ObjectKey] = set()
         self._pending: set[ObjectKey] = set()  # services changed before the first full sync
         self._pending_workloads: dict[ObjectKey, Workload | None] = {}
+        self._skip_retry: dict[ObjectKey, Workload] = {}  # namespace not found yet: tried on every change
         self._reported: set[tuple[str, ObjectKey, str]] = set()
         self._next_id = 1
         # (namespace, service, port) -> the node Envoy's listener for that L7 service port: its TCP
@@ -278,7 +279,8 @@ class ServiceLBReconciler:
         self._pending = set()
         for key in sorted(touched):
             self.sync_service(key)
-        workloads = self._pending_workloads
+        workloads: dict[ObjectKey, Workload | None] = dict(self._skip_retry)
+        workloads.update(self._pending_workloads)
         self._pending_workloads = {}
         workloads.update({wc.key: wc.new for wc in cs.workloads})
         for wkey, w in workloads.items():
@@ -422,12 +424,14 @@ class ServiceLBReconciler:
 
     def _sync_skip(self, key: ObjectKey, w: Workload | None) -> None:
         want: tuple[int, int] | None = None  # (netns cookie, reason)
+        self._skip_retry.pop(key, None)
         if w is not None and w.pod.node == self.node and not w.pod.host_network and (w.excluded or w.istio_managed):
             cookie = self.netns_cookie_of(w.pod) if self.netns_cookie_of else None
             if cookie is None:
                 self._problem("skip_netns_unknown", key, "",
                               f"object={key} should keep service addresses (excluded or Istio) but its network "
-                              "namespace is unknown; its connections are translated")
+                              "namespace is unknown yet; its connections are translated until it is found")
+                self._skip_retry[key] = w
             else:
                 want = (cookie, LB_SKIP_EXCLUDED if w.excluded else LB_SKIP_ISTIO)
         old = self._skip.get(key)

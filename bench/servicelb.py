@@ -488,15 +488,15 @@ def main(argv: list[str]) -> int:
             b = mode.replace("-", "_")
             for k in ("change_seconds", "connect_first_byte_p50_seconds", "connect_first_byte_p99_seconds"):
                 if f"{b}_n{n}_{k}" in baseline:
-                    ratio[f"{b}_over_ebpf_n{n}_{k}"] = baseline[f"{b}_n{n}_{k}"] / candidate[f"ebpf_n{n}_{k}"]
+                    ratio[f"ebpf_over_{b}_n{n}_{k}"] = candidate[f"ebpf_n{n}_{k}"] / baseline[f"{b}_n{n}_{k}"]
     for n in sizes:
         for q in ("p50", "p99"):
             ratio[f"ebpf_n{n}_over_n1_connect_first_byte_{q}"] = (candidate[f"ebpf_n{n}_connect_first_byte_{q}_seconds"]
                                                                   / candidate[f"ebpf_n1_connect_first_byte_{q}_seconds"])
     extra: dict[str, Any] = {"sizes": sizes, "modes": modes, "conns": args.conns, "endpoints_per_service": 2,
                              "wall_seconds": round(time.monotonic() - t_start, 1),
-                             "ratio_meaning": "baseline/candidate (x times faster); ebpf_nN_over_n1: candidate at N "
-                                              "services relative to 1 service"}
+                             "ratio_meaning": "candidate/baseline, as in every benchmark (0.002 = 500x faster); "
+                                              "ebpf_nN_over_n1: candidate at N services relative to 1 service"}
     if args.json:
         report("servicelb", baseline, candidate, ratio, True, extra)
         return 0
@@ -511,13 +511,13 @@ def _print_table(sizes: list[int], modes: list[str], base: dict[str, float], can
     cols = [*modes, "ebpf"]
     metrics = ("full_sync_seconds", "change_seconds", "connect_first_byte_p50_seconds",
                "connect_first_byte_p99_seconds")
-    print(f"  {'services':>8}  {'metric':<32}" + "".join(f"{c:>16}" for c in cols) + "   best kube-proxy / ebpf")
+    print(f"  {'services':>8}  {'metric':<32}" + "".join(f"{c:>16}" for c in cols) + "   ebpf / best kube-proxy")
     for n in sizes:
         for k in metrics:
             vals = [base.get(f"{c.replace('-', '_')}_n{n}_{k}") for c in modes] + [cand.get(f"ebpf_n{n}_{k}")]
             shown = "".join(f"{v:16.6g}" if v is not None else f"{'-':>16}" for v in vals)
             known = [v for v in vals[:-1] if v is not None]
-            ratio = f"{min(known) / vals[-1]:10.1f}x" if known and vals[-1] else ""
+            ratio = f"{vals[-1] / min(known):10.4f}" if known and vals[-1] and min(known) else ""
             print(f"  {n:>8}  {k:<32}{shown}   {ratio}")
         ops = cand.get(f"ebpf_n{n}_change_map_operations")
         print(f"  {n:>8}  {'ebpf map operations per change':<32}{'':>{16 * len(modes)}}{ops:16.0f}")

@@ -32,9 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 NODE = "lab-node"
 
 
-def pod_yaml(name: str, ipv4: str, ipv6: str, sa: str) -> str:
+def pod_yaml(name: str, ipv4: str, ipv6: str, sa: str, uid: str = "", labels: dict[str, str] | None = None) -> str:
     return json.dumps({"apiVersion": "v1", "kind": "Pod",
-                       "metadata": {"name": name, "namespace": "lab"},
+                       "metadata": {"name": name, "namespace": "lab", "uid": uid, "labels": labels or {}},
                        "spec": {"nodeName": NODE, "serviceAccountName": sa},
                        "status": {"phase": "Running", "podIPs": [{"ip": ipv4}, {"ip": ipv6}]}})
 
@@ -165,13 +165,17 @@ def ask(lab: Lab, pod: str, host: str, port: int) -> str:
 def test_agent_programs_a_clusterip_from_the_manifest_folder(make_lab: Callable[..., Any], tmp_path: Path) -> None:
     """Service + EndpointSlice files -> the agent's service LB -> connect() to the VIP from a pod
     reaches a backend pod, and the app sees the VIP; the Service deleted -> ECONNREFUSED at once."""
-    lab: Lab = make_lab(3)
+    lab: Lab = make_lab(4)
     folder, state = tmp_path / "manifests", tmp_path / "state"
     folder.mkdir()
     vip = "10.96.7.7"
-    for name in ("pod1", "pod2", "pod3"):
+    # pod4 opts out (meshaccel.io/exclude): it keeps the VIP. Its "pause" process comes first, as on a
+    # node, so the agent finds its network namespace through the pod<uid> cgroup.
+    pause = lab.popen("pod4", ["sleep", "300"])
+    for name in ("pod1", "pod2", "pod3", "pod4"):
         p = lab.pod(name)
-        (folder / f"{name}.yaml").write_text(pod_yaml(name, p.ipv4, p.ipv6, name))
+        labels = {"meshaccel.io/exclude": "true"} if name == "pod4" else None
+        (folder / f"{name}.yaml").write_text(pod_yaml(name, p.ipv4, p.ipv6, name, p.uid, labels))
     svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo", "namespace": "lab"},
            "spec": {"clusterIP": vip, "clusterIPs": [vip], "selector": {"app": "echo"},
                     "ports": [{"name": "tcp", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}}
@@ -195,10 +199,12 @@ def test_agent_programs_a_clusterip_from_the_manifest_folder(make_lab: Callable[
         assert wait_until(lambda: ask(lab, "pod1", vip, 80).endswith(vip))
         seen = {ask(lab, "pod1", vip, 80) for _ in range(30)}
         assert seen == {f"pod2 {vip}", f"pod3 {vip}"}  # both backends, and getpeername() gives the VIP
+        # The excluded pod's connect() goes to the VIP itself, which nothing in the lab routes.
+        assert ask(lab, "pod4", vip, 80) == "ENETUNREACH"
         (folder / "svc.yaml").unlink()
         assert wait_until(lambda: ask(lab, "pod1", vip, 80) == "ECONNREFUSED")
     finally:
-        for p in [*procs, *servers]:
+        for p in [*procs, *servers, pause]:
             p.kill()
             p.wait()
 
