@@ -8,8 +8,12 @@ import json
 import subprocess
 import sys
 import time
+from collections import Counter
+
+import yaml
 
 from accel.lab import Lab
+from accel.lab_agent import NAMESPACE, LabAgent
 from bench.fastpath import iperf3_throughput, sockperf_pingpong
 from sockops_bpf.inspect import describe
 
@@ -22,7 +26,7 @@ def _checked_transfer(lab: Lab, megabytes: int, port: int) -> tuple[int, float]:
     """Client in pod2 -> server in pod1 and back, 8 connections; SHA-256 of both directions compared."""
     ip = lab.pod("pod1").ipv4
     per_msg = 1 << 20
-    msgs = max(1, megabytes // 8 // 8)  # log-uniform sizes average about 1/8 MiB
+    msgs = max(1, megabytes * 2**20 // (8 * 76_000))  # log-uniform sizes up to 1 MiB average ~76 kB
     common = ["--host", ip, "--port", str(port), "--conns", "8", "--msgs", str(msgs), "--max-size", str(per_msg)]
     server = lab.popen("pod1", [sys.executable, "-m", "accel.lab_traffic", "serve", *common],
                        stdout=subprocess.PIPE, text=True)
@@ -42,15 +46,62 @@ def _checked_transfer(lab: Lab, megabytes: int, port: int) -> tuple[int, float]:
     return sum(d["sent_bytes"] + d["recv_bytes"] for d in c.values()), elapsed
 
 
+DEMO_VIP = "10.96.0.10"
+ASK = ("import socket, sys\n"
+       "s = socket.create_connection((sys.argv[1], 80), timeout=5)\n"
+       "print(s.recv(64).decode(), s.getpeername()[0])\n")
+ECHO_NAME = ("import socket, sys\n"
+             "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+             "s.bind((sys.argv[1], 8080)); s.listen(64)\n"
+             "while True:\n"
+             "    c, _ = s.accept(); c.sendall(sys.argv[2].encode()); c.close()\n")
+
+
+def _service_demo(lab: Lab) -> None:
+    """The real agent follows a manifest folder; a ClusterIP is translated at connect()."""
+    _say(f"service load balancing: the agent follows a manifest folder; Service {DEMO_VIP}:80 -> pod2, pod3 :8080")
+    servers = [lab.popen(n, [sys.executable, "-c", ECHO_NAME, lab.pod(n).ipv4, n]) for n in ("pod2", "pod3")]
+    try:
+        with LabAgent(lab) as agent:
+            svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "demo", "namespace": NAMESPACE},
+                   "spec": {"clusterIP": DEMO_VIP, "selector": {"app": "demo"},
+                            "ports": [{"name": "tcp", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}}
+            eps = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                   "metadata": {"name": "demo-1", "namespace": NAMESPACE,
+                                "labels": {"kubernetes.io/service-name": "demo"}},
+                   "addressType": "IPv4", "ports": [{"name": "tcp", "port": 8080, "protocol": "TCP"}],
+                   "endpoints": [{"addresses": [lab.pod(n).ipv4], "conditions": {"ready": True}}
+                                 for n in ("pod2", "pod3")]}
+            (agent.manifests / "demo-service.yaml").write_text(yaml.safe_dump_all([svc, eps]))
+            print(f"    wrote {agent.manifests / 'demo-service.yaml'}")
+            answers: Counter[str] = Counter()
+            deadline = time.monotonic() + 30
+            while sum(answers.values()) < 40 and time.monotonic() < deadline:
+                out = lab.run("pod1", [sys.executable, "-c", ASK, DEMO_VIP], capture_output=True, text=True,
+                              timeout=30).stdout.strip()
+                if out:
+                    answers[out] += 1
+                else:
+                    time.sleep(0.2)  # the agent has not programmed the service yet
+            for answer, n in sorted(answers.items()):
+                backend, peer = answer.split()
+                print(f"    {n:3d} connections from pod1 to {DEMO_VIP}:80 answered by {backend}"
+                      f" (the app's getpeername() says {peer})")
+    finally:
+        for s in servers:
+            s.kill()
+            s.wait()
+
+
 def run(megabytes: int = 256) -> int:
-    _say("building a lab node: 2 pods (network namespaces + veth into a bridge, a cgroup each)")
-    with Lab(2, attach=False) as lab:
+    _say("building a lab node: 3 pods (network namespaces + veth into a bridge, a cgroup each)")
+    with Lab(3, attach=False) as lab:
         for p in lab.pods.values():
             print(f"    {p.name}: {p.ipv4}, {p.ipv6}  netns {p.netns}")
         results: dict[str, dict[str, float]] = {}
         for mode in ("plain", "accelerated"):
             if mode == "accelerated":
-                _say("compiling and attaching the eBPF programs (sockops + sk_msg) at the node cgroup")
+                _say("compiling and attaching the eBPF programs (sockops, sk_msg, service LB hooks) at the node cgroup")
                 lab.attach_bpf()
             _say(f"{mode}: 8 connections exchange random-sized messages (1 B to 1 MiB) both ways at once;"
                  " SHA-256 of every byte sent and received is compared")
@@ -62,6 +113,7 @@ def run(megabytes: int = 256) -> int:
             results[mode] = m
             print(f"    latency p50 {m['latency_p50_seconds'] * 1e6:.1f} us, p99 {m['latency_p99_seconds'] * 1e6:.1f} us;"
                   f" throughput {m['throughput'] * 8 / 1e9:.2f} Gbit/s")
+        _service_demo(lab)
         _say("what is attached (accel status)")
         d = describe(lab.instance)
         for a in d["attachments"]:

@@ -135,6 +135,7 @@ class Lab:
     def attach_bpf(self, defines: dict[str, str] | None = None) -> None:
         """Load the programs at the node cgroup and register every pod (and loopback) as local."""
         loader.load(self.instance, self.cgroup, defines)
+        self.attach = True
         with open_pinned(loader.pin_dir(self.instance)) as maps:
             for i, pod in enumerate(self.pods.values()):
                 maps.local_endpoints[pod.ipv4] = i + 1
@@ -145,7 +146,9 @@ class Lab:
 
     def detach_bpf(self, force: bool = True) -> int:
         """Remove the programs and pins (for tests and benchmarks: force, the lab owns every socket)."""
-        return loader.uninstall(self.instance, force=force, drain_seconds=2.0)
+        left = loader.uninstall(self.instance, force=force, drain_seconds=2.0)
+        self.attach = left > 0
+        return left
 
     def down(self) -> None:
         _teardown(self.id)

@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     ls.set_defaults(func=lambda a: print("\n".join(list_labs())) or 0)
 
     demo = lab.add_parser("demo", help="build a lab, move bytes plain and accelerated, show the result")
-    demo.add_argument("--megabytes", type=int, default=256)
+    demo.add_argument("--megabytes", type=int, default=64, help="about this much each way in the byte check")
     demo.set_defaults(func=lambda a: __import__("accel.demo", fromlist=["run"]).run(a.megabytes))
 
 
