@@ -6,7 +6,6 @@ import datetime
 import http.server
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,6 +14,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from tests import waiting
 
 
 class Backend(http.server.ThreadingHTTPServer):
@@ -80,13 +81,7 @@ def free_port() -> int:
 
 
 def wait_until(cond: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
+    waiting.wait_until(cond, timeout, what, 0.05)
 
 @dataclass
 class TestCA:

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -21,19 +20,14 @@ import pytest
 from accel.agent import Agent, AgentConfig
 from accel.sources.base import Sink
 from accel.sources.manifests import ManifestSource
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def wait_until(cond: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
-
+    return eventually(cond, timeout, 0.02)
 
 def get(url: str) -> tuple[int, str]:
     try:

@@ -26,6 +26,7 @@ from accel.state.model import Event, EventType
 from accel.state.parse import parse_object
 from accel.state.store import ClusterState
 from tests import traffic
+from tests.waiting import eventually
 
 pytestmark = [pytest.mark.lab]
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,13 +65,7 @@ def counters(lab: Lab) -> dict[str, int]:
 
 
 def wait_until(cond: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
-
+    return eventually(cond, timeout, 0.05)
 
 def start_agent(lab: Lab, folder: Path, state: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(

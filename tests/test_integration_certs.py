@@ -12,7 +12,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +27,7 @@ from certs.keys import generate_key, key_pem, load_certs_pem
 from certs.signer import SignError
 from certs.spiffe import SpiffeId
 from certs.store import FileStore
+from tests import waiting
 
 pytestmark = [pytest.mark.unit]
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,13 +70,7 @@ def stop(proc: subprocess.Popen[str]) -> int:
 
 
 def wait_until(cond: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
+    waiting.wait_until(cond, timeout, what, 0.1)
 
 def node_credential(ca_dir: Path, node: str, out: Path) -> Path:
     subprocess.run(accel("ca", "issue-node", node, "--dir", str(ca_dir), "--out", str(out)), cwd=ROOT, check=True,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +22,7 @@ from accel.errors import UserError
 from accel.lab import Lab
 from accel.lab_agent import NAMESPACE, LabAgent, agent_dir, stop
 from accel.state.model import MtlsMode
+from tests import waiting
 from tests.conftest import require
 
 pytestmark = [pytest.mark.lab, pytest.mark.envoy]
@@ -63,13 +63,7 @@ except Exception as e:
 
 
 def wait_until(cond: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
+    waiting.wait_until(cond, timeout, what, 0.2)
 
 FRONT_VIP = "10.96.0.80"
 

@@ -3,7 +3,6 @@ driven by the real `kubernetes` client: after every disturbance the model equals
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from accel.sources.kube import KubeSource, load_api_client
 from accel.state.model import Kind
 from accel.state.parse import parse_object
 from tests.kube_apiserver import FakeApiServer
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.unit
 
@@ -21,13 +21,7 @@ NODE = "node-a"
 
 
 def wait_until(cond: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
-
+    return eventually(cond, timeout, 0.02)
 
 def pod(name: str, ip: str, *, ns: str = "default", node: str = NODE, sa: str = "default") -> dict:
     return {"kind": "Pod", "metadata": {"name": name, "namespace": ns, "labels": {"app": name}},
