@@ -550,3 +550,65 @@ def test_status_lists_the_lb_hooks(lb: LbLab) -> None:
     for hook in loader.SOCK_ADDR_HOOKS:
         assert f"cgroup_{hook}" in out
     assert "lb_services" in out and "lb_translated" in out
+
+
+class WatchedTables:
+    """Plain dicts as the LB maps, with a check run after every single map write or delete, i.e. at
+    every instant a connect() could look: no slot that `count` covers is missing (the service never
+    points at a freed slot), and a backend taken out of the service, once unreachable, never becomes
+    reachable again within the change."""
+
+    def __init__(self) -> None:
+        self.gone: set[Backend] = set()
+        self.unreachable: set[Backend] = set()
+        self.steps = 0
+        self.services: dict[Any, Any] = self._watched()
+        self.slots: dict[Any, Any] = self._watched()
+        self.members: dict[Any, Any] = self._watched()
+        self.skip: dict[Any, Any] = {}
+        self.service_cidrs: dict[Any, Any] = {}
+
+    def _watched(self) -> dict[Any, Any]:
+        tables = self
+
+        class Watched(dict):  # type: ignore[type-arg]
+            def __setitem__(self, k: Any, v: Any) -> None:
+                super().__setitem__(k, v)
+                tables.check()
+
+            def __delitem__(self, k: Any) -> None:
+                super().__delitem__(k)
+                tables.check()
+
+        return Watched()
+
+    def reachable(self) -> set[Backend]:
+        out = set()
+        for entry in self.services.values():
+            for i in range(entry.count):
+                b = self.slots.get((entry.id, i))
+                assert b is not None, f"slot {entry.id}/{i} is covered by count but missing"
+                out.add(b)
+        return out
+
+    def check(self) -> None:
+        self.steps += 1
+        reachable = self.reachable()
+        back = reachable & self.unreachable
+        assert not back, f"step {self.steps}: {back} reachable again"
+        self.unreachable |= self.gone - reachable
+
+
+@pytest.mark.parametrize("keep", [("10.50.0.1", "10.50.0.2"), ("10.50.0.2", "10.50.0.3"), ("10.50.0.3",), ()])
+def test_every_single_map_write_leaves_the_service_consistent(keep: tuple[str, ...]) -> None:
+    tables = WatchedTables()
+    state = ClusterState()
+    rec = ServiceLBReconciler(NODE, tables)
+    rec.state = state
+    state.subscribe(rec.on_change)
+    ips = ("10.50.0.1", "10.50.0.2", "10.50.0.3", "10.50.0.4")
+    state.apply(add(service("w", ("10.96.0.77",)), eps("w-1", "w", tuple(ep(ip) for ip in ips))), synced=True)
+    tables.gone = {Backend(ip, PORT) for ip in ips if ip not in keep}
+    state.apply([Event(EventType.MODIFIED, eps("w-1", "w", tuple(ep(ip) for ip in keep)))])
+    assert tables.reachable() == {Backend(ip, PORT) for ip in keep}  # at the end, exactly what is kept
+    assert tables.unreachable == tables.gone
