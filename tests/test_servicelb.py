@@ -580,6 +580,11 @@ class WatchedTables:
                 super().__delitem__(k)
                 tables.check()
 
+            def pop(self, k: Any, *default: Any) -> Any:
+                v = super().pop(k, *default)
+                tables.check()
+                return v
+
         return Watched()
 
     def reachable(self) -> set[Backend]:
