@@ -37,6 +37,7 @@ from certs.manager import CertManager
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 5000
+IDLE_RETRY_SECONDS = 1.0
 _SYNCED = object()
 
 
@@ -122,6 +123,7 @@ class Agent:
         self._threads: list[threading.Thread] = []
         self._http: ThreadingHTTPServer | None = None
         self.started_at = time.monotonic()
+        self._last_idle_retry = 0.0
         self.ready_seconds: float | None = None
         self.last_event_at: float | None = None
         self.events_applied = 0
@@ -208,6 +210,7 @@ class Agent:
             except queue.Empty:
                 self.lag_seconds = 0.0
                 self.metrics.sync_lag.set(0)
+                self._idle_work()
                 continue
             batch = [first]
             while len(batch) < MAX_BATCH:
@@ -222,6 +225,17 @@ class Agent:
             except Exception:  # a bug must not stop the agent following the cluster; it is logged and counted
                 log.exception("event=apply_failed batch=%d", len(batch))
                 self.metrics.errors.labels("apply", "exception").inc()
+
+    def _idle_work(self) -> None:
+        """Retries that no event would trigger, done in the apply thread (which owns the reconcilers)."""
+        now = time.monotonic()
+        if self.servicelb is not None and now - self._last_idle_retry >= IDLE_RETRY_SECONDS:
+            self._last_idle_retry = now
+            try:
+                self.servicelb.retry_skips()
+            except Exception:  # logged and counted; the next idle round tries again
+                log.exception("event=idle_retry_failed component=servicelb")
+                self.metrics.errors.labels("servicelb", "retry").inc()
 
     def _apply_batch(self, batch: list[tuple[object, float]]) -> None:
         t0 = time.perf_counter()

@@ -243,6 +243,13 @@ class ServiceLBReconciler:
             out[fe] = spec
         return out
 
+    def retry_skips(self) -> int:
+        """Look again for the namespaces of pods that keep service addresses but had no process yet
+        (the agent calls this while idle, so a quiet cluster does not leave them translated)."""
+        for key, w in list(self._skip_retry.items()):
+            self._sync_skip(key, w)
+        return len(self._skip_retry)
+
     def frontend_count(self) -> int:
         """Service frontends (VIP, port, protocol) programmed now."""
         return len(self._programmed)
