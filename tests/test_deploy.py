@@ -21,6 +21,7 @@ pytestmark = pytest.mark.unit
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 OVERLAYS = ["standalone", "with-istio"]
+CLEANUP = "../cleanup"  # relative to deploy/overlays
 K8S_VERSION = "1.33.0"
 
 
@@ -33,11 +34,13 @@ def build(overlay: str) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(out) if d]
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", [*OVERLAYS, CLEANUP])
 def test_overlay_validates_against_kubernetes_schemas(overlay: str) -> None:
     objs = build(overlay)
     kinds = {o["kind"] for o in objs}
-    assert {"DaemonSet", "Deployment", "ClusterRole", "ServiceAccount", "ConfigMap", "Service"} <= kinds
+    want = {"DaemonSet"} if overlay == CLEANUP else {"DaemonSet", "Deployment", "ClusterRole", "ServiceAccount",
+                                                     "ConfigMap", "Service"}
+    assert want <= kinds
     for o in objs:
         kubernetes_validate.validate(o, K8S_VERSION, strict=True)
 
@@ -52,10 +55,10 @@ def _accel_invocations(objs: list[dict[str, Any]]) -> list[list[str]]:
     return calls
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", [*OVERLAYS, CLEANUP])
 def test_every_accel_invocation_parses(overlay: str) -> None:
     calls = _accel_invocations(build(overlay))
-    assert {c[0] for c in calls} >= {"agent", "ca"}
+    assert {c[0] for c in calls} >= ({"uninstall"} if overlay == CLEANUP else {"agent", "ca"})
     parser = build_parser()
     for argv in calls:
         try:
