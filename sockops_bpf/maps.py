@@ -98,10 +98,6 @@ class PinnedMaps:
     def socket_keys(self) -> list[SockKey]:
         return libbpf.map_keys(self._fds["sock_hash"], SockKey)  # type: ignore[return-value]
 
-    def forget_socket(self, key: SockKey) -> bool:
-        """Take one socket out of the fast path (its peer's next verdict falls back to TCP)."""
-        return libbpf.map_delete(self._fds["sock_hash"], key)
-
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
