@@ -13,6 +13,7 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check accel sockops_bpf xds certs bench tests
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)

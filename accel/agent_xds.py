@@ -2,7 +2,7 @@
 this node's Envoy, served by our ADS server.
 
 Any change to Services, EndpointSlices, HTTPRoutes or workloads (and every new SVID) marks the
-snapshot dirty; one worker thread recomputes it with `xds.translate` (a pure function of the model,
+snapshot dirty; one worker thread recomputes it with `accel.translate` (a pure function of the model,
 so no incremental bookkeeping) and sets it in the cache when its content version changed. Coalescing
 in the worker keeps the apply loop free of translation cost.
 
@@ -29,11 +29,11 @@ from envoy.config.route.v3 import route_components_pb2
 from accel.agent_certs import CertsReconciler, wants_certificate
 from accel.state.model import ChangeSet, EndpointSlice, HTTPRoute, Kind, MtlsMode, Service, ServicePort
 from accel.state.store import ClusterState
+from accel.translate import L7Options, translate
 from xds import resources as R
-from xds.cache import LISTENER, SHORT_NAMES, SnapshotCache
+from xds.cache import LISTENER, SHORT_NAMES, Resources, SnapshotCache, snapshot_of
 from xds.sds import build_secrets, trust_name
 from xds.server import XdsServer
-from xds.translate import L7Options, Resources, snapshot, translate
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class XdsBridge:
             res = self._add_inbound(res, slices, listeners, secret_names)
         self.ports.sweep()
         secrets = build_secrets(secret_names, self.certs.secret_source) if self.certs is not None else []
-        snap = snapshot(res, secrets)
+        snap = snapshot_of(res, secrets)
         if res.problems != self.problems:
             for p in set(res.problems) - set(self.problems):
                 self.on_problem("xds_translate", p)

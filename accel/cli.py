@@ -7,7 +7,7 @@ import importlib
 import logging
 import sys
 
-from accel.errors import UserError
+from accel.errors import USER_ERRORS
 
 # Modules that expose `register(subparsers)`; each adds its subcommands with `set_defaults(func=...)`.
 COMMAND_MODULES = [
@@ -37,9 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except UserError as e:
+    except USER_ERRORS as e:
         print(f"accel: error: {e}", file=sys.stderr)
-        return e.exit_code
+        return int(getattr(e, "exit_code", 2))
     except KeyboardInterrupt:
         return 130
 

@@ -14,7 +14,7 @@ import yaml
 
 from accel.lab import Lab
 from accel.lab_agent import NAMESPACE, LabAgent
-from bench.fastpath import iperf3_throughput, sockperf_pingpong
+from accel.lab_measure import iperf3_throughput, sockperf_pingpong
 from sockops_bpf.inspect import describe
 
 

@@ -27,6 +27,7 @@ from typing import Any
 from accel.errors import UserError
 from sockops_bpf import loader
 from sockops_bpf.cgroup import cgroup2_root
+from sockops_bpf.errors import BpfError
 from sockops_bpf.maps import open_pinned
 
 log = logging.getLogger("meshaccel.lab")
@@ -260,7 +261,7 @@ def _teardown(lab_id: str) -> None:
     try:
         # Every process of the lab is gone, so its spliced sockets are closing: let them drain.
         loader.uninstall(f"lab-{lab_id}", force=True, drain_seconds=2.0)
-    except (OSError, UserError) as e:
+    except (OSError, UserError, BpfError) as e:
         log.warning("unpin lab=%s error=%s", lab_id, e)
     for ns in _netns_names(f"{PREFIX}{lab_id}-"):
         _run("ip", "netns", "del", ns, check=False)

@@ -65,8 +65,7 @@ def _pod(i: int, ns: str, s: int, node: str, ip: str) -> dict[str, Any]:
 
 def _server_child(conn: Connection, services: int, endpoints: int, nodes: int) -> None:
     """The API server process: builds the cluster, then performs changes on request."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from tests.kube_apiserver import FakeApiServer
+    from accel.kubefake import FakeApiServer
 
     srv = FakeApiServer().start()
     srv.apply_many(_objects(services, endpoints, nodes))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from accel.errors import UserError
+from sockops_bpf.errors import BpfError
 
 
 def cgroup2_root(mountinfo: str = "/proc/self/mountinfo") -> Path:
@@ -17,20 +17,20 @@ def cgroup2_root(mountinfo: str = "/proc/self/mountinfo") -> Path:
             if post.split(" ", 1)[0] == "cgroup2":
                 found.append(Path(pre.split()[4]))
     if not found:
-        raise UserError("no cgroup2 filesystem is mounted; mount one (mount -t cgroup2 none /sys/fs/cgroup)")
+        raise BpfError("no cgroup2 filesystem is mounted; mount one (mount -t cgroup2 none /sys/fs/cgroup)")
     # Prefer the shortest path (the host's own mount over bind mounts of sub-trees).
     return min(found, key=lambda p: len(str(p)))
 
 
 def check_cgroup(path: Path) -> Path:
-    """A cgroup-v2 directory we can attach to, or a UserError saying what is wrong."""
+    """A cgroup-v2 directory we can attach to, or a BpfError saying what is wrong."""
     if not path.is_dir():
-        raise UserError(f"cgroup {path} does not exist; give an existing cgroup-v2 directory or omit --cgroup")
+        raise BpfError(f"cgroup {path} does not exist; give an existing cgroup-v2 directory or omit --cgroup")
     if not (path / "cgroup.procs").exists():
-        raise UserError(f"{path} is not a cgroup directory (no cgroup.procs)")
+        raise BpfError(f"{path} is not a cgroup directory (no cgroup.procs)")
     root = cgroup2_root()
     if not str(path.resolve()).startswith(str(root)):
-        raise UserError(f"{path} is not under the cgroup-v2 mount {root}")
+        raise BpfError(f"{path} is not under the cgroup-v2 mount {root}")
     return path
 
 

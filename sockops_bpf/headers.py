@@ -13,7 +13,7 @@ import platform
 import shutil
 from pathlib import Path
 
-from accel.errors import UserError
+from sockops_bpf.errors import BpfError
 
 CACHE_DIR = Path(os.environ.get("MESHACCEL_CACHE", "/var/cache/meshaccel")) / "kheaders"
 
@@ -58,12 +58,12 @@ def _merge(arch_dir: Path, common: Path) -> Path:
 
 
 def find_kernel_headers(modules: Path = Path("/lib/modules"), usr_src: Path = Path("/usr/src")) -> Path:
-    """A kernel header tree for BCC_KERNEL_SOURCE, or a UserError naming what to install."""
+    """A kernel header tree for BCC_KERNEL_SOURCE, or a BpfError naming what to install."""
     env = os.environ.get("BCC_KERNEL_SOURCE")
     if env:
         if _is_tree(Path(env)):
             return Path(env)
-        raise UserError(f"BCC_KERNEL_SOURCE={env} is not a kernel header tree (no include/linux/kconfig.h)")
+        raise BpfError(f"BCC_KERNEL_SOURCE={env} is not a kernel header tree (no include/linux/kconfig.h)")
     release = platform.release()
     running = modules / release / "build"
     if _is_tree(running.resolve()):
@@ -74,7 +74,7 @@ def find_kernel_headers(modules: Path = Path("/lib/modules"), usr_src: Path = Pa
     pairs = _debian_pairs(usr_src)
     if pairs:
         return _merge(*pairs[0])
-    raise UserError(
+    raise BpfError(
         f"no kernel headers: {modules}/{release}/build is missing and no linux-headers-* package is in "
         f"{usr_src}; install the headers of the running kernel or Debian's linux-headers-amd64 "
         "(scripts/setup.sh does)"

@@ -19,9 +19,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from accel.errors import UserError
 from sockops_bpf import libbpf
 from sockops_bpf.cgroup import cgroup2_root, cgroup_path_by_id, check_cgroup
+from sockops_bpf.errors import BpfError
 from sockops_bpf.headers import find_kernel_headers
 from sockops_bpf.layout import SockKey
 
@@ -52,7 +52,7 @@ def pin_root() -> Path:
 
 def pin_dir(instance: str) -> Path:
     if not instance or "/" in instance or instance.startswith("."):
-        raise UserError(f"bad instance name {instance!r}: use letters, digits, '-' and '_'")
+        raise BpfError(f"bad instance name {instance!r}: use letters, digits, '-' and '_'")
     return pin_root() / instance
 
 
@@ -67,9 +67,9 @@ class Loaded:
 
 def _preflight() -> None:
     if os.geteuid() != 0:
-        raise UserError("eBPF needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN); run as root")
+        raise BpfError("eBPF needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN); run as root")
     if not os.path.ismount(BPFFS):
-        raise UserError(f"no bpffs at {BPFFS}; mount it: mount -t bpf bpf {BPFFS}")
+        raise BpfError(f"no bpffs at {BPFFS}; mount it: mount -t bpf bpf {BPFFS}")
 
 
 def _compile(pdir: Path, defines: dict[str, str]) -> tuple[object, dict[str, int], float]:
@@ -77,7 +77,7 @@ def _compile(pdir: Path, defines: dict[str, str]) -> tuple[object, dict[str, int
     try:
         from bcc import BPF
     except ImportError as e:
-        raise UserError("bcc is not importable: install Debian's python3-bpfcc (scripts/setup.sh)") from e
+        raise BpfError("bcc is not importable: install Debian's python3-bpfcc (scripts/setup.sh)") from e
     # One text, header first: bcc rewrites map calls only in the main text, not in #included files.
     text = "\n".join((SRC_DIR / s).read_text() for s in ("maps.h", *SOURCES))
     t0 = time.monotonic()
@@ -85,7 +85,7 @@ def _compile(pdir: Path, defines: dict[str, str]) -> tuple[object, dict[str, int
         cflags = [f"-I{SRC_DIR}", f'-DPIN_DIR="{pdir}"', *(f"-D{k}={v}" for k, v in defines.items())]
         bpf = BPF(text=text.encode(), cflags=cflags)
     except Exception as e:  # bcc raises a bare Exception; clang's messages went to stderr
-        raise UserError(f"eBPF compile failed ({e}); see the compiler messages above") from e
+        raise BpfError(f"eBPF compile failed ({e}); see the compiler messages above") from e
     fds = {
         "prog_sockops": bpf.load_func(PROGRAMS["prog_sockops"].encode(), BPF.SOCK_OPS).fd,
         "prog_redir": bpf.load_func(PROGRAMS["prog_redir"].encode(), BPF.SK_MSG).fd,

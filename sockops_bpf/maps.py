@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
 
-from accel.errors import UserError
 from sockops_bpf import libbpf
+from sockops_bpf.errors import BpfError
 from sockops_bpf.layout import (
     CNT_MAX,
     EP_F_LOOPBACK,
@@ -77,7 +77,7 @@ class PinnedMaps:
                 self._fds[name] = libbpf.obj_get(str(pin_dir / name))
         except OSError as e:
             self.close()
-            raise UserError(f"cannot open pinned maps in {pin_dir} ({e.strerror}); is the instance loaded?") from e
+            raise BpfError(f"cannot open pinned maps in {pin_dir} ({e.strerror}); is the instance loaded?") from e
         self.local_endpoints = EndpointMap(self._fds["local_endpoints"])
 
     def counters(self) -> dict[str, int]:
@@ -229,7 +229,7 @@ class LbMaps:
                 self._fds[name] = libbpf.obj_get(str(pin_dir / name))
         except OSError as e:
             self.close()
-            raise UserError(f"cannot open service LB maps in {pin_dir} ({e.strerror}); is the instance loaded "
+            raise BpfError(f"cannot open service LB maps in {pin_dir} ({e.strerror}); is the instance loaded "
                             "with sock_lb.c?") from e
         f = self._fds
         self.services: MutableMapping[Frontend, ServiceEntry] = _View(

@@ -27,12 +27,12 @@ def bpf_env() -> None:
         import bcc  # noqa: F401
     except ImportError:
         require(False, "bcc (Debian python3-bpfcc) is not importable; run scripts/setup.sh")
-    from accel.errors import UserError
+    from sockops_bpf.errors import BpfError
     from sockops_bpf.headers import find_kernel_headers
 
     try:
         find_kernel_headers()
-    except UserError as e:
+    except BpfError as e:
         require(False, str(e))
 
 

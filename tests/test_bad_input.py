@@ -12,6 +12,7 @@ import pytest
 
 from accel.errors import UserError
 from accel.lab import PREFIX, Lab
+from sockops_bpf.errors import BpfError
 from sockops_bpf.headers import find_kernel_headers
 from sockops_bpf.loader import pin_root
 from tests.conftest import leftovers, require
@@ -79,7 +80,7 @@ def test_no_headers_names_what_to_install(tmp_path: Path) -> None:
     (tmp_path / "src").mkdir()
     env_backup = os.environ.pop("BCC_KERNEL_SOURCE", None)
     try:
-        with pytest.raises(UserError, match="linux-headers-amd64"):
+        with pytest.raises(BpfError, match="linux-headers-amd64"):
             find_kernel_headers(tmp_path / "modules", tmp_path / "src")
     finally:
         if env_backup is not None:

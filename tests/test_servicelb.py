@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 
-from accel.errors import UserError
 from accel.lab import Lab
 from accel.metrics import Metrics
 from accel.servicelb import ServiceLBReconciler, desired, netns_cookie
@@ -38,6 +37,7 @@ from accel.state.model import (
 )
 from accel.state.store import ClusterState
 from sockops_bpf import layout, loader
+from sockops_bpf.errors import BpfError
 from sockops_bpf.maps import Backend, Frontend, LbMaps, open_lb
 from tests.conftest import leftovers, require
 
@@ -316,7 +316,7 @@ def lb() -> Iterator[LbLab]:
         from sockops_bpf.headers import find_kernel_headers
 
         find_kernel_headers()
-    except (ImportError, UserError) as e:
+    except (ImportError, BpfError) as e:
         require(False, f"eBPF toolchain unusable: {e}")
     lab = Lab(5)
     try:

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from accel.agent import Agent, AgentConfig
+from accel.kubefake import FakeApiServer
 from accel.sources.kube import KubeSource, load_api_client
 from accel.state.model import Kind
 from accel.state.parse import parse_object
-from tests.kube_apiserver import FakeApiServer
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.unit

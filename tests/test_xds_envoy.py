@@ -23,12 +23,12 @@ from prometheus_client import REGISTRY
 from accel.envoy import Envoy, EnvoyConfig
 from accel.state.model import Endpoint, EndpointPort, EndpointSlice, HTTPRoute, Service, ServicePort
 from accel.state.parse import parse_object
+from accel.translate import L7Options, translate
 from tests.envoy_helpers import Backend, backends, free_port, issue, make_ca, wait_until
 from xds import resources as R
-from xds.cache import LISTENER, SnapshotCache
+from xds.cache import LISTENER, SnapshotCache, snapshot_of
 from xds.sds import SecretMaterial, build_secrets, trust_name
 from xds.server import XdsServer
-from xds.translate import L7Options, snapshot, translate
 
 pytestmark = [pytest.mark.envoy]
 NS = "shop"
@@ -94,7 +94,7 @@ class Mesh:
              secrets: list = (), extra_listeners: list = ()) -> str:  # type: ignore[assignment]
         res = translate(services, slices, routes, self.opts)
         assert not res.problems, res.problems
-        snap = snapshot(res, secrets, version=f"v{next(_versions)}")
+        snap = snapshot_of(res, secrets, version=f"v{next(_versions)}")
         if extra_listeners:
             snap = type(snap).build(snap.version, clusters=res.clusters, endpoints=res.endpoints,
                                     listeners=[*res.listeners, *extra_listeners], routes=res.routes,
@@ -410,6 +410,6 @@ def test_bad_clients_do_not_disturb_envoy(xds, envoy_factory) -> None:  # type: 
 def _push_only(mesh: Mesh, services: list[Service], slices: list[EndpointSlice], target: str) -> str:
     """Set a snapshot without waiting for every stream of the node to settle (one never ACKs)."""
     res = translate(services, slices, [front_route(f"  - backendRefs: [{{name: {target}, port: 80}}]")], mesh.opts)
-    snap = snapshot(res, version=f"v{next(_versions)}")
+    snap = snapshot_of(res, version=f"v{next(_versions)}")
     mesh.cache.set_snapshot(mesh.node, snap)
     return snap.version

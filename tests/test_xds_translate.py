@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from accel.translate import L7Options, cluster_name, listener_name, translate
 from tests.envoy_helpers import Backend
 from tests.test_xds_envoy import front_route, service, slice_for
-from xds.translate import L7Options, cluster_name, listener_name, snapshot, translate
+from xds.cache import snapshot_of
 
 pytestmark = [pytest.mark.unit]
 
@@ -62,11 +63,11 @@ def test_httproute_rules_become_ordered_routes() -> None:
     assert routes[2].match.prefix == "/"
     assert {c.name for c in res.clusters} == {cluster_name("shop", "v1", 80), cluster_name("shop", "v2", 80)}
     # Same model, same snapshot version; a change, a new one.
-    assert snapshot(res).version == snapshot(translate([service("front"), service("v1"), service("v2")],
+    assert snapshot_of(res).version == snapshot_of(translate([service("front"), service("v1"), service("v2")],
                                                        [], [route])).version
     with_endpoint = translate([service("front"), service("v1"), service("v2")],
                               [slice_for("v1", _FakeBackend("a", 9000))], [route])
-    assert snapshot(res).version != snapshot(with_endpoint).version
+    assert snapshot_of(res).version != snapshot_of(with_endpoint).version
 
 
 def test_missing_backend_is_reported_not_fatal() -> None:

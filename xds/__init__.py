@@ -1,4 +1,4 @@
-"""xDS: snapshot cache, ADS server (SotW and Delta), translation from the state model.
+"""xDS: snapshot cache, ADS server (SotW and Delta) and Envoy resource builders; it knows Envoy, not our model.
 
 The `xds-protos` wheel also ships a top-level `xds` package (the CNCF xds protos: `xds.core.v3`, ...)
 which the generated Envoy modules import. Our package shadows it, so we merge its folder into our

@@ -110,6 +110,33 @@ class Snapshot:
 _EMPTY: Mapping[str, Entry] = MappingProxyType({})
 
 
+# --- Building snapshots from resource bundles ---------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Resources:
+    """A bundle of Envoy resources, as a translation produces them (secrets come separately)."""
+
+    clusters: tuple[cluster_pb2.Cluster, ...] = ()
+    endpoints: tuple[endpoint_pb2.ClusterLoadAssignment, ...] = ()
+    listeners: tuple[listener_pb2.Listener, ...] = ()
+    routes: tuple[route_pb2.RouteConfiguration, ...] = ()
+    problems: tuple[str, ...] = field(default=())  # one line each: what was skipped and why
+
+
+def snapshot_of(resources: Resources, secrets: Iterable[secret_pb2.Secret] = (), version: str = "") -> Snapshot:
+    """A Snapshot of `resources`; without `version`, one derived from the content (same model, same version)."""
+    snap = Snapshot.build("pending", clusters=resources.clusters, endpoints=resources.endpoints,
+                          listeners=resources.listeners, routes=resources.routes, secrets=secrets)
+    if not version:
+        h = hashlib.blake2b(digest_size=8)
+        for type_url in sorted(snap.resources):
+            for name, e in sorted(snap.entries(type_url).items()):
+                h.update(f"{type_url}\0{name}\0{e.version}\n".encode())
+        version = h.hexdigest()
+    return Snapshot(version, snap.resources, snap.eds_of_cluster, snap.rds_of_listener)
+
+
 def _entries(type_url: str, messages: Iterable[Any], name_field: str) -> Mapping[str, Entry]:
     out: dict[str, Entry] = {}
     expected = type_url.removeprefix(_PREFIX)

@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from accel.demo import run  # imports the benchmark helpers: only when asked for
+    from accel.demo import run
 
     return run(args.megabytes)
 

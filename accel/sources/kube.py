@@ -15,7 +15,6 @@ import os
 import random
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -27,34 +26,13 @@ from kubernetes.client.exceptions import ApiException
 from accel.errors import UserError
 from accel.sources.base import Sink
 from accel.state.model import Event, EventType, Kind, ObjectKey, Record
-from accel.state.parse import ParseError, parse_object
+from accel.state.parse import API_KINDS, ApiKind, ParseError, parse_object
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class Resource:
-    kind: Kind
-    group_version: str  # "v1" for the core group
-    plural: str
-    optional: bool  # a CRD: read only when the API server knows it
-
-    @property
-    def path(self) -> str:
-        base = "/api/v1" if self.group_version == "v1" else f"/apis/{self.group_version}"
-        return f"{base}/{self.plural}"
-
-
-RESOURCES: tuple[Resource, ...] = (
-    Resource(Kind.NAMESPACE, "v1", "namespaces", False),
-    Resource(Kind.POD, "v1", "pods", False),
-    Resource(Kind.SERVICE, "v1", "services", False),
-    Resource(Kind.ENDPOINT_SLICE, "discovery.k8s.io/v1", "endpointslices", False),
-    Resource(Kind.NETWORK_POLICY, "networking.k8s.io/v1", "networkpolicies", False),
-    Resource(Kind.AUTHORIZATION_POLICY, "security.istio.io/v1", "authorizationpolicies", True),
-    Resource(Kind.PEER_AUTHENTICATION, "security.istio.io/v1", "peerauthentications", True),
-    Resource(Kind.HTTP_ROUTE, "gateway.networking.k8s.io/v1", "httproutes", True),
-)
+# Watched in this order: namespaces before the pods in them.
+RESOURCES: tuple[ApiKind, ...] = tuple(API_KINDS.values())
 
 
 class Gone(Exception):
@@ -149,14 +127,14 @@ class KubeSource:
             for t in threads:
                 t.join(5)
 
-    def _discover(self, sink: Sink, stop: threading.Event) -> list[Resource]:
+    def _discover(self, sink: Sink, stop: threading.Event) -> list[ApiKind]:
         delay = self.backoff_initial
         while True:
             try:
                 out = []
                 present: dict[str, bool] = {}
                 for r in RESOURCES:
-                    if r.optional:
+                    if r.crd:
                         if r.group_version not in present:
                             present[r.group_version] = self._group_exists(r.group_version)
                         if not present[r.group_version]:
@@ -179,7 +157,7 @@ def _short(e: BaseException) -> str:
 class _Watcher:
     """List+watch loop for one kind. Holds the last known record per key, for relist diffs."""
 
-    def __init__(self, src: KubeSource, res: Resource, sink: Sink, stop: threading.Event) -> None:
+    def __init__(self, src: KubeSource, res: ApiKind, sink: Sink, stop: threading.Event) -> None:
         self.src, self.res, self.sink, self.stop = src, res, sink, stop
         self.listed = threading.Event()  # set after the first successful list
         self.known: dict[ObjectKey, Record] = {}

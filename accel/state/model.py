@@ -9,7 +9,7 @@ has been handed out. Records compare by value.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import NamedTuple
@@ -22,6 +22,15 @@ def frozen_map(d: Mapping[str, str] | None) -> Mapping[str, str]:
     if not d:
         return EMPTY_MAP
     return MappingProxyType(dict(d))
+
+
+# The annotations and labels meshaccel reads (DESIGN.md), named once.
+ANNOTATION_PREFIX = "meshaccel.io/"
+MTLS_ANNOTATION = "meshaccel.io/mtls"  # strict | permissive | disable, on a Namespace or Pod (the pod wins)
+L7_ANNOTATION = "meshaccel.io/l7"  # "true" on a Service: its TCP ports go through the node Envoy
+EXCLUDE_LABEL = "meshaccel.io/exclude"  # "true" on a Pod or Namespace: meshaccel leaves it alone
+ISTIO_SIDECAR_STATUS = "sidecar.istio.io/status"  # set by Istio's injector on pods with a sidecar
+ISTIO_DATAPLANE_MODE = "istio.io/dataplane-mode"  # "ambient" on a Pod or Namespace: Istio ambient
 
 
 class Kind(enum.StrEnum):
@@ -136,8 +145,8 @@ class Service:
 
     @property
     def l7(self) -> bool:
-        """Opted into L7 by annotation (an attached HTTPRoute also opts in; see ClusterState.service_l7)."""
-        return self.annotations.get("meshaccel.io/l7", "").lower() == "true"
+        """Opted into L7 by annotation (an attached HTTPRoute also opts in: see service_is_l7)."""
+        return self.annotations.get(L7_ANNOTATION, "").lower() == "true"
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,6 +429,25 @@ class HTTPRoute:
     @property
     def key(self) -> ObjectKey:
         return ObjectKey(Kind.HTTP_ROUTE, self.namespace, self.name)
+
+
+# --- Decisions about records, written once -------------------------------------------------------
+
+
+def attached_routes(svc: Service, routes: Iterable[HTTPRoute]) -> list[tuple[HTTPRoute, int | None]]:
+    """HTTPRoutes attached to `svc` the GAMMA way (a parentRef of kind Service in the core group), with
+    the parentRef's port (None = every port), in a stable order."""
+    out = []
+    for r in routes:
+        for p in r.parent_refs:
+            if p.kind == "Service" and p.group in ("", "core") and p.name == svc.name and p.namespace == svc.namespace:
+                out.append((r, p.port))
+    return sorted(out, key=lambda rp: (rp[0].namespace, rp[0].name, rp[1] or 0))
+
+
+def service_is_l7(svc: Service, routes: Iterable[HTTPRoute]) -> bool:
+    """A Service goes through the node Envoy when it says so (`meshaccel.io/l7`) or an HTTPRoute attaches."""
+    return svc.l7 or bool(attached_routes(svc, routes))
 
 
 Record = Pod | Namespace | Service | EndpointSlice | NetworkPolicy | AuthorizationPolicy | PeerAuthentication | HTTPRoute

@@ -8,10 +8,13 @@ import re
 import socket
 import sys
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
 from accel.state.model import (
+    ANNOTATION_PREFIX,
+    ISTIO_SIDECAR_STATUS,
     AuthorizationPolicy,
     AuthzCondition,
     AuthzOperation,
@@ -47,22 +50,41 @@ from accel.state.model import (
 )
 
 # Annotations the model keeps; everything else is dropped at the edge to keep memory small.
-ANNOTATION_PREFIX = "meshaccel.io/"
-ISTIO_SIDECAR_STATUS = "sidecar.istio.io/status"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 
-# (apiVersion group, kind) of every kind we read; the version is not checked beyond this.
-API_GROUPS: dict[Kind, str] = {
-    Kind.POD: "",
-    Kind.NAMESPACE: "",
-    Kind.SERVICE: "",
-    Kind.ENDPOINT_SLICE: "discovery.k8s.io",
-    Kind.NETWORK_POLICY: "networking.k8s.io",
-    Kind.AUTHORIZATION_POLICY: "security.istio.io",
-    Kind.PEER_AUTHENTICATION: "security.istio.io",
-    Kind.HTTP_ROUTE: "gateway.networking.k8s.io",
-}
-CLUSTER_SCOPED = frozenset({Kind.NAMESPACE})
+
+@dataclass(frozen=True, slots=True)
+class ApiKind:
+    """Where the API serves one kind we read. The kube source, the manifest folder and the test API
+    server all take this one table."""
+
+    kind: Kind
+    group_version: str  # "v1" for the core group
+    plural: str
+    namespaced: bool
+    crd: bool  # installed by Istio or Gateway API: read only when the API server has it
+
+    @property
+    def group(self) -> str:
+        return self.group_version.rpartition("/")[0]
+
+    @property
+    def path(self) -> str:
+        base = "/api/v1" if self.group_version == "v1" else f"/apis/{self.group_version}"
+        return f"{base}/{self.plural}"
+
+
+API_KINDS: dict[Kind, ApiKind] = {a.kind: a for a in (
+    ApiKind(Kind.NAMESPACE, "v1", "namespaces", False, False),
+    ApiKind(Kind.POD, "v1", "pods", True, False),
+    ApiKind(Kind.SERVICE, "v1", "services", True, False),
+    ApiKind(Kind.ENDPOINT_SLICE, "discovery.k8s.io/v1", "endpointslices", True, False),
+    ApiKind(Kind.NETWORK_POLICY, "networking.k8s.io/v1", "networkpolicies", True, False),
+    ApiKind(Kind.AUTHORIZATION_POLICY, "security.istio.io/v1", "authorizationpolicies", True, True),
+    ApiKind(Kind.PEER_AUTHENTICATION, "security.istio.io/v1", "peerauthentications", True, True),
+    ApiKind(Kind.HTTP_ROUTE, "gateway.networking.k8s.io/v1", "httproutes", True, True),
+)}
+CLUSTER_SCOPED = frozenset(k for k, a in API_KINDS.items() if not a.namespaced)
 
 
 class ParseError(ValueError):
@@ -569,7 +591,7 @@ def kind_of(obj: Any) -> Kind:
         k = Kind(kind)
     except ValueError:
         raise NotOurKind(f"{api_version} {kind}") from None
-    if API_GROUPS[k] != group:
+    if API_KINDS[k].group != group:
         raise NotOurKind(f"{api_version} {kind}")
     return k
 

@@ -11,11 +11,16 @@ from pathlib import Path
 
 from accel.state.identity import DEFAULT_TRUST_DOMAIN, IdentityAllocator, spiffe_id
 from accel.state.model import (
+    EXCLUDE_LABEL,
+    ISTIO_DATAPLANE_MODE,
+    ISTIO_SIDECAR_STATUS,
+    MTLS_ANNOTATION,
     Change,
     ChangeSet,
     EndpointSlice,
     Event,
     EventType,
+    HTTPRoute,
     Identity,
     Kind,
     MtlsMode,
@@ -26,15 +31,10 @@ from accel.state.model import (
     Service,
     Workload,
     WorkloadChange,
+    service_is_l7,
 )
 
 log = logging.getLogger(__name__)
-
-MTLS_ANNOTATION = "meshaccel.io/mtls"
-EXCLUDE_LABEL = "meshaccel.io/exclude"
-L7_ANNOTATION = "meshaccel.io/l7"
-ISTIO_SIDECAR_STATUS = "sidecar.istio.io/status"
-ISTIO_DATAPLANE_MODE = "istio.io/dataplane-mode"
 
 Subscriber = Callable[[ChangeSet], None]
 # (reason, message): reason is a short metric label, message the one-line log text.
@@ -251,13 +251,8 @@ class ClusterState:
             return [s for k in sorted(keys) if isinstance(s := table.get(k), EndpointSlice)]
 
     def service_l7(self, namespace: str, name: str) -> bool:
-        """L7 opt-in: the annotation, or an HTTPRoute attached to the Service (GAMMA parentRef or backendRef)."""
+        """Whether the Service goes through the node Envoy (model.service_is_l7)."""
         with self._lock:
             svc = self._records[Kind.SERVICE].get(ObjectKey(Kind.SERVICE, namespace, name))
-            if isinstance(svc, Service) and svc.l7:
-                return True
-            for route in self._records[Kind.HTTP_ROUTE].values():
-                for p in getattr(route, "parent_refs", ()):
-                    if p.kind == "Service" and p.name == name and p.namespace == namespace:
-                        return True
-            return False
+            routes = [r for r in self._records[Kind.HTTP_ROUTE].values() if isinstance(r, HTTPRoute)]
+            return isinstance(svc, Service) and service_is_l7(svc, routes)

@@ -1,7 +1,6 @@
 """From the state model to Envoy resources: a pure function, callable without a server.
 
-A Service is L7 when an HTTPRoute names it as a parentRef (GAMMA: kind Service, group "") or it has
-`meshaccel.io/l7: "true"`. Each TCP port of an L7 service gets one listener (address chosen by
+Which Services are L7 is decided in one place (model.service_is_l7). Each TCP port of an L7 service gets one listener (address chosen by
 `L7Options.listener_address`) and one route configuration; the routes come from the attached
 HTTPRoutes (or, without any, send everything to the service itself). Every backend (Service, port)
 a route names becomes an EDS cluster whose endpoints are the ready addresses of its EndpointSlices.
@@ -12,15 +11,10 @@ Names: listener and route config `l7|<ns>|<svc>|<port>`, cluster `svc|<ns>|<svc>
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.endpoint.v3 import endpoint_pb2
-from envoy.config.listener.v3 import listener_pb2
-from envoy.config.route.v3 import route_components_pb2, route_pb2
-from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
+from envoy.config.route.v3 import route_components_pb2
 
 from accel.state.model import (
     BackendRef,
@@ -30,9 +24,11 @@ from accel.state.model import (
     HTTPRouteRule,
     Service,
     ServicePort,
+    attached_routes,
+    service_is_l7,
 )
 from xds import resources as R
-from xds.cache import Snapshot
+from xds.cache import Resources
 
 
 def _loopback_service_port(svc: Service, port: ServicePort) -> tuple[str, int]:
@@ -45,35 +41,12 @@ class L7Options:
     listener_address: Callable[[Service, ServicePort], tuple[str, int]] = _loopback_service_port
 
 
-@dataclass(frozen=True, slots=True)
-class Resources:
-    clusters: tuple[cluster_pb2.Cluster, ...] = ()
-    endpoints: tuple[endpoint_pb2.ClusterLoadAssignment, ...] = ()
-    listeners: tuple[listener_pb2.Listener, ...] = ()
-    routes: tuple[route_pb2.RouteConfiguration, ...] = ()
-    problems: tuple[str, ...] = field(default=())  # one line each: what was skipped and why
-
-
 def listener_name(ns: str, svc: str, port: int) -> str:
     return f"l7|{ns}|{svc}|{port}"
 
 
 def cluster_name(ns: str, svc: str, port: int) -> str:
     return f"svc|{ns}|{svc}|{port}"
-
-
-def attached_routes(svc: Service, routes: Iterable[HTTPRoute]) -> list[tuple[HTTPRoute, int | None]]:
-    """HTTPRoutes whose parentRefs name `svc` (GAMMA), with the parentRef's port (None = all)."""
-    out = []
-    for r in routes:
-        for p in r.parent_refs:
-            if p.kind == "Service" and p.group in ("", "core") and p.name == svc.name and p.namespace == svc.namespace:
-                out.append((r, p.port))
-    return sorted(out, key=lambda rp: (rp[0].namespace, rp[0].name, rp[1] or 0))
-
-
-def is_l7(svc: Service, routes: Iterable[HTTPRoute]) -> bool:
-    return svc.l7 or bool(attached_routes(svc, routes))
 
 
 def translate(
@@ -94,9 +67,9 @@ def translate(
     wanted_clusters: set[tuple[str, str, int]] = set()
 
     for svc in sorted(services, key=lambda s: (s.namespace, s.name)):
-        attached = attached_routes(svc, routes)
-        if not (svc.l7 or attached):
+        if not service_is_l7(svc, routes):
             continue
+        attached = attached_routes(svc, routes)
         for port in svc.ports:
             if port.protocol != "TCP":
                 continue
@@ -216,16 +189,3 @@ def _endpoints(svc: Service, svc_port: int, slices: list[EndpointSlice]) -> list
             if ep.ready:
                 out.update((a, port) for a in ep.addresses)
     return [R.Backend(ip, port) for ip, port in sorted(out)]
-
-
-def snapshot(resources: Resources, secrets: Iterable[secret_pb2.Secret] = (), version: str = "") -> Snapshot:
-    """A Snapshot of `resources`; without `version`, one derived from the content (same model, same version)."""
-    snap = Snapshot.build("pending", clusters=resources.clusters, endpoints=resources.endpoints,
-                          listeners=resources.listeners, routes=resources.routes, secrets=secrets)
-    if not version:
-        h = hashlib.blake2b(digest_size=8)
-        for type_url in sorted(snap.resources):
-            for name, e in sorted(snap.entries(type_url).items()):
-                h.update(f"{type_url}\0{name}\0{e.version}\n".encode())
-        version = h.hexdigest()
-    return Snapshot(version, snap.resources, snap.eds_of_cluster, snap.rds_of_listener)

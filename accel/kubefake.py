@@ -1,4 +1,4 @@
-"""An in-process Kubernetes API server for tests and benchmarks: threaded HTTP on 127.0.0.1 with a
+"""An in-process Kubernetes API server for tests and benchmarks of the kube source: threaded HTTP on 127.0.0.1 with a
 random port, speaking the real list/watch protocol for the kinds meshaccel reads.
 
 Protocol: list returns a `<Kind>List` with metadata.resourceVersion; `?watch=true&resourceVersion=RV`
@@ -29,23 +29,17 @@ from urllib.parse import parse_qs, urlsplit
 import orjson
 import yaml
 
+from accel.state.parse import API_KINDS
+
 TOKEN = "meshaccel-test-token"
 
-# list path -> (kind, apiVersion, namespaced)
-RESOURCES: dict[str, tuple[str, str, bool]] = {
-    "/api/v1/pods": ("Pod", "v1", True),
-    "/api/v1/namespaces": ("Namespace", "v1", False),
-    "/api/v1/services": ("Service", "v1", True),
-    "/apis/discovery.k8s.io/v1/endpointslices": ("EndpointSlice", "discovery.k8s.io/v1", True),
-    "/apis/networking.k8s.io/v1/networkpolicies": ("NetworkPolicy", "networking.k8s.io/v1", True),
-    "/apis/security.istio.io/v1/authorizationpolicies": ("AuthorizationPolicy", "security.istio.io/v1", True),
-    "/apis/security.istio.io/v1/peerauthentications": ("PeerAuthentication", "security.istio.io/v1", True),
-    "/apis/gateway.networking.k8s.io/v1/httproutes": ("HTTPRoute", "gateway.networking.k8s.io/v1", True),
-}
+# list path -> (kind, apiVersion, namespaced), from the table the real source reads too
+RESOURCES: dict[str, tuple[str, str, bool]] = {a.path: (str(a.kind), a.group_version, a.namespaced)
+                                               for a in API_KINDS.values()}
 PATH_OF_KIND = {kind: path for path, (kind, _, _) in RESOURCES.items()}
 API_VERSION_OF_KIND = {kind: av for _, (kind, av, _) in RESOURCES.items()}
-CRD_GROUPS = {"security.istio.io/v1", "gateway.networking.k8s.io/v1"}
-BUILTIN_GROUPS = {"discovery.k8s.io/v1", "networking.k8s.io/v1"}
+CRD_GROUPS = {a.group_version for a in API_KINDS.values() if a.crd}
+BUILTIN_GROUPS = {a.group_version for a in API_KINDS.values() if not a.crd and a.group}
 
 
 def _status(code: int, reason: str, message: str) -> dict[str, Any]:
