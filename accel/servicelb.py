@@ -33,7 +33,6 @@ import os
 import socket
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -510,10 +509,3 @@ def netns_cookie(netns_path: str) -> int:
         raise error[0]
     return result[0]
 
-
-def timed_sync(rec: ServiceLBReconciler, key: ObjectKey) -> tuple[float, int]:
-    """Seconds and map operations one sync_service() took (benchmarks)."""
-    ops = rec.map_ops
-    t0 = time.perf_counter()
-    rec.sync_service(key)
-    return time.perf_counter() - t0, rec.map_ops - ops
