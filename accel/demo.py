@@ -14,7 +14,7 @@ import yaml
 
 from accel.lab import Lab
 from accel.lab_agent import NAMESPACE, LabAgent
-from accel.lab_measure import iperf3_throughput, sockperf_pingpong
+from accel.lab_measure import iperf3_throughput, pipe_pingpong, placements, sockperf_pingpong
 from sockops_bpf.inspect import describe
 
 
@@ -94,6 +94,14 @@ def _service_demo(lab: Lab) -> None:
 
 
 def run(megabytes: int = 256) -> int:
+    one_cpu, two_cpus = placements()
+    where = [one_cpu, *([two_cpus] if two_cpus else [])]
+    _say("the machine's wakeup floor: two processes bounce a byte through pipes (no network stack), one-way")
+    for cpus in where:
+        floor = pipe_pingpong(cpus, 1.0)
+        print(f"    {cpus.name.replace('_', ' ')}: p50 {floor['latency_p50_seconds'] * 1e6:.1f} us"
+              + ("  (a wakeup on another CPU: what a ping-pong across CPUs mostly measures)"
+                 if cpus is two_cpus else ""))
     _say("building a lab node: 3 pods (network namespaces + veth into a bridge, a cgroup each)")
     with Lab(3, attach=False) as lab:
         for p in lab.pods.values():
@@ -107,12 +115,17 @@ def run(megabytes: int = 256) -> int:
                  " SHA-256 of every byte sent and received is compared")
             moved, secs = _checked_transfer(lab, megabytes, 7000 + len(results) * 10)
             print(f"    {moved / 2**20:.0f} MiB moved and verified ({secs:.2f}s, Python hashing included)")
-            _say(f"{mode}: 64-byte ping-pong latency (sockperf) and 1-stream throughput (iperf3)")
-            m = sockperf_pingpong(lab, 2.0, 7100 + len(results) * 10)
-            m["throughput"] = iperf3_throughput(lab, 2.0, 1, 7200 + len(results) * 10)
+            _say(f"{mode}: 64-byte ping-pong latency (sockperf, one-way) with both ends on one CPU and on two,"
+                 " and 1-stream throughput (iperf3)")
+            m: dict[str, float] = {}
+            for cpus in where:
+                lat = sockperf_pingpong(lab, 2.0, 7100 + len(results) * 10 + len(m), cpus)
+                m[f"latency_{cpus.name}"] = lat["latency_p50_seconds"]
+                print(f"    {cpus.name.replace('_', ' ')}: latency p50 {lat['latency_p50_seconds'] * 1e6:.1f} us,"
+                      f" p99 {lat['latency_p99_seconds'] * 1e6:.1f} us")
+            m["throughput"] = iperf3_throughput(lab, 2.0, 1, 7200 + len(results) * 10, where[-1])
             results[mode] = m
-            print(f"    latency p50 {m['latency_p50_seconds'] * 1e6:.1f} us, p99 {m['latency_p99_seconds'] * 1e6:.1f} us;"
-                  f" throughput {m['throughput'] * 8 / 1e9:.2f} Gbit/s")
+            print(f"    throughput {m['throughput'] * 8 / 1e9:.2f} Gbit/s")
         _service_demo(lab)
         _say("what is attached (accel status)")
         d = describe(lab.instance)
@@ -123,7 +136,9 @@ def run(megabytes: int = 256) -> int:
         for k, v in d["counters"].items():
             print(f"    counter {k}: {v}")
         base, acc = results["plain"], results["accelerated"]
-        _say(f"result: latency p50 x{acc['latency_p50_seconds'] / base['latency_p50_seconds']:.2f}, "
+        latency = ", ".join(f"{c.name.replace('_', ' ')} x{acc[f'latency_{c.name}'] / base[f'latency_{c.name}']:.2f}"
+                        for c in where)
+        _say(f"result: latency p50 {latency}, "
              f"throughput x{acc['throughput'] / base['throughput']:.2f} (accelerated / plain); all bytes verified")
         _say("removing the lab: namespaces, cgroups, attachments and pins")
     return 0

@@ -9,6 +9,10 @@ import statistics
 from collections.abc import Mapping
 from typing import Any
 
+# Other work on the machine moves every figure: say how busy it was when the benchmark started
+# (this module is imported first thing; at the end the load is mostly the benchmark's own).
+LOAD_AT_START = os.getloadavg()[0]
+
 
 def machine() -> dict[str, Any]:
     return {
@@ -16,7 +20,13 @@ def machine() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "cpu_model": _cpu_model(),
+        "load_average_1min_at_start": round(LOAD_AT_START, 2),
     }
+
+
+def machine_line(name: str, m: Mapping[str, Any]) -> str:
+    return (f"{name}: {m['cpu_model']}, {m['cpus']} CPUs, kernel {m['kernel']}, Python {m['python']}, "
+            f"load average {m['load_average_1min_at_start']} at start")
 
 
 def _cpu_model() -> str:
@@ -66,7 +76,7 @@ def report(
         print(json.dumps(doc, indent=None, sort_keys=False))
         return
     m = doc["machine"]
-    print(f"{name}: {m['cpu_model']}, {m['cpus']} CPUs, kernel {m['kernel']}, Python {m['python']}")
+    print(machine_line(name, m))
     keys = list(dict.fromkeys([*baseline, *candidate]))
     width = max(len(k) for k in keys) if keys else 10
     print(f"  {'metric':<{width}}  {'baseline':>14}  {'candidate':>14}  {'ratio':>8}")
