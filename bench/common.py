@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -42,6 +43,17 @@ def _cpu_model() -> str:
 
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+def median_ci95(values: list[float]) -> tuple[float, float]:
+    """95% confidence interval of the median, distribution-free: the order statistics n/2 -+ 1.96
+    sqrt(n)/2 (the binomial count of samples below the median, in its normal approximation)."""
+    if not values:
+        return float("nan"), float("nan")
+    s = sorted(values)
+    n = len(s)
+    half = 1.96 * math.sqrt(n) / 2
+    return s[max(0, math.floor(n / 2 - half))], s[min(n - 1, math.ceil(n / 2 + half))]
 
 
 def percentile(values: list[float], q: float) -> float:

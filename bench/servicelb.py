@@ -1,9 +1,9 @@
 """`python -m bench servicelb [--services N ...] [--json]`: socket-level service LB (sock_lb.c driven by
 accel.servicelb through the state model) against kube-proxy's own rule layouts, in one run on one lab.
 
-Baselines, reproduced in the client pod's network namespace (kube-proxy's rules live in the node's
-namespace and catch pod traffic in PREROUTING and host traffic in OUTPUT; the client here is a
-process in that namespace, so OUTPUT):
+Baselines (kube-proxy's rules live in the node's namespace and catch pod traffic in PREROUTING and
+host traffic in OUTPUT; here each mode's rules are in its own client pod's namespace and the client
+is a process there, so OUTPUT):
 - iptables mode, as kube-proxy >= 1.28 writes it (KUBE-SERVICES -> KUBE-SVC-* -> KUBE-SEP-*, statistic
   random, MARK/MASQUERADE), applied with `iptables-restore --noflush --counters` on the legacy and the
   nft backend. One change = kube-proxy's partial sync: the filter chains, all of KUBE-SERVICES and
@@ -16,9 +16,15 @@ EndpointSlice event, which runs the reconciler's map writes.
 (a) time to apply one service change to the last-added service (add it, add a third endpoint,
     remove it again): median of the samples;
 (b) connect() + first byte from the most recently added service (its KUBE-SERVICES rule is the
-    last one), p50/p99 over --conns connections from a pod to two backend pods.
-The sockmap fast path is left out of the candidate (its pods are not registered as local
-endpoints), so both sides carry the bytes over the same veth/bridge path: only the LB differs.
+    last one) to two backend pods: p50 with its 95% confidence interval, and p99, over --conns
+    connections per mode and size.
+How (b) is kept honest on a small shared VM: the four clients (one per mode) and both backends are
+pinned to ONE CPU, so no cross-CPU wakeup (tens of microseconds here, and the noisiest term) enters
+a connection; the connections of a cell run in --batches batches, interleaved with the other
+modes' batches in rotating order, so load from elsewhere falls on every mode alike. Our hooks see
+only the eBPF client (the one process in the lab's cgroup): the kube-proxy clients and the backends
+run outside it. The sockmap fast path is left out (no pod is a local endpoint), so every mode
+carries the bytes over the same veth/bridge path: only the LB differs.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from accel.lab import V4_NET, Lab
+from accel.lab_measure import pinned, placements
 from accel.servicelb import ServiceLBReconciler
 from accel.state.model import (
     EMPTY_MAP,
@@ -50,9 +57,9 @@ from accel.state.model import (
     frozen_map,
 )
 from accel.state.store import ClusterState
-from bench.common import machine, median, percentile, report
+from bench.common import machine, machine_line, median, median_ci95, percentile, report
 from sockops_bpf import loader
-from sockops_bpf.maps import open_lb, open_pinned
+from sockops_bpf.maps import LbMaps, open_lb, open_pinned
 
 NODE = "lab-node"
 BACKEND_PORT = 8080
@@ -72,27 +79,32 @@ while True:
     c.close()
 """
 
-# connect() + first byte, one connection at a time; closes with RST so no TIME_WAIT piles up.
+# connect() + first byte, one connection at a time, for each request line "host port count warm-up"
+# on stdin; one JSON line back. Closes with RST so no TIME_WAIT piles up; one SYN retry at most, so a
+# broken rule set fails in seconds instead of hanging.
 CLIENT = r"""
 import json, socket, struct, sys, time
-host, port, n, warm = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 linger = struct.pack("ii", 1, 0)
-out, errors = [], 0
-for i in range(warm + n):
-    s = socket.socket()
-    t0 = time.perf_counter_ns()
-    try:
-        s.connect((host, port))
-        if s.recv(1) != b"x":
-            raise OSError("short read")
-        t1 = time.perf_counter_ns()
-        if i >= warm:
-            out.append(t1 - t0)
-    except OSError:
-        errors += 1
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
-    s.close()
-print(json.dumps({"ns": out, "errors": errors}))
+for line in sys.stdin:
+    host, port, n, warm = line.split()
+    port, n, warm = int(port), int(n), int(warm)
+    out, errors = [], 0
+    for i in range(warm + n):
+        s = socket.socket()
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_SYNCNT, 1)
+        t0 = time.perf_counter_ns()
+        try:
+            s.connect((host, port))
+            if s.recv(1) != b"x":
+                raise OSError("short read")
+            t1 = time.perf_counter_ns()
+            if i >= warm:
+                out.append(t1 - t0)
+        except OSError:
+            errors += 1
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        s.close()
+    print(json.dumps({"ns": out, "errors": errors}), flush=True)
 """
 
 
@@ -285,33 +297,65 @@ def nft_service(s: Svc, old_endpoints: tuple[str, ...] = (), new: bool = True) -
 # ---- running things in the client pod's namespace -------------------------------------------------
 
 
-class Runner:
+# ---- the measurement ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Client:
+    """A mode's client: the pod it runs in, and whether it is in the lab's cgroup (where our hooks are)."""
+    mode: str
+    pod: str
+    in_cgroup: bool
+
+
+# kube-proxy's rules of each mode live in a client pod's own network namespace, and those clients run
+# outside the lab's cgroup (our hooks never see them); the eBPF client is the one process in it.
+CLIENTS = (Client("iptables-legacy", "pod4", False), Client("iptables-nft", "pod5", False),
+           Client("nftables", "pod6", False), Client("ebpf", "pod1", True))
+BACKENDS = ("pod2", "pod3")
+
+
+class PodShell:
+    """Runs a tool in a lab pod's network namespace (and times it)."""
+
     def __init__(self, lab: Lab) -> None:
         self.lab = lab
-        self.netns = lab.pod("pod1").netns
 
-    def ns(self, argv: list[str], stdin: str | None = None, timeout: float | None = None) -> float:
-        """Run a tool in the client pod's namespace; seconds it took (the tool's own process included).
+    def ns(self, pod: str, argv: list[str], stdin: str | None = None, timeout: float | None = None) -> float:
+        """Run a tool in `pod`'s network namespace; seconds it took (the tool's own process included).
         Past `timeout` the tool is killed and subprocess.TimeoutExpired raised."""
         t0 = time.perf_counter()
-        p = subprocess.run(["ip", "netns", "exec", self.netns, *argv], input=stdin, capture_output=True, text=True,
-                           timeout=timeout)
+        p = subprocess.run(["ip", "netns", "exec", self.lab.pod(pod).netns, *argv], input=stdin,
+                           capture_output=True, text=True, timeout=timeout)
         secs = time.perf_counter() - t0
         if p.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)}: {p.stderr.strip()[:500]}")
         return secs
 
-    def latency(self, vip: str, conns: int) -> dict[str, float]:
-        out = self.lab.run("pod1", [sys.executable, "-c", CLIENT, vip, "80", str(conns), str(max(20, conns // 20))],
-                           capture_output=True, text=True, timeout=600)
-        if out.returncode != 0:
-            raise RuntimeError(f"latency client failed: {out.stderr[-500:]}")
-        doc = json.loads(out.stdout)
-        if doc["errors"] > conns // 100 or not doc["ns"]:
-            raise RuntimeError(f"latency client: {doc['errors']} of {conns} connections to {vip} failed")
-        ns = [x * 1e-9 for x in doc["ns"]]
-        return {"connect_first_byte_p50_seconds": percentile(ns, 50), "connect_first_byte_p99_seconds": percentile(ns, 99),
-                "failed_connections": float(doc["errors"])}
+
+class LatencyClient:
+    """A client process kept running in its pod (pinned to `cpu`): each `measure()` is one batch of
+    connections, so batches of the modes can be interleaved and machine noise falls on all alike."""
+
+    def __init__(self, lab: Lab, client: Client, cpu: int) -> None:
+        self.client = client
+        self.proc = lab.popen(client.pod, pinned([sys.executable, "-c", CLIENT], cpu), in_cgroup=client.in_cgroup,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def measure(self, vip: str, conns: int, warm: int) -> tuple[list[float], int]:
+        """Seconds of connect() + first byte of each of `conns` connections, and how many failed."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"{vip} 80 {conns} {warm}\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {self.client.mode} latency client exited (code {self.proc.wait()})")
+        doc = json.loads(line)
+        return [x * 1e-9 for x in doc["ns"]], int(doc["errors"])
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
 
 
 def _changes(last: Svc) -> list[tuple[Svc, tuple[str, ...]]]:
@@ -321,49 +365,49 @@ def _changes(last: Svc) -> list[tuple[Svc, tuple[str, ...]]]:
     return [(last, ()), (third, last.endpoints), (last, third.endpoints)]
 
 
-def bench_iptables(r: Runner, mode: str, services: list[Svc], conns: int, timeout: float) -> dict[str, float]:
-    """A restore still running after `timeout` is killed and reported as taking `timeout` (a lower
-    bound, flagged by *_timed_out = 1); the changes after it are then not measured."""
+def sync_iptables(r: PodShell, pod: str, mode: str, services: list[Svc], timeout: float) -> dict[str, float]:
+    """Write every service but the last (full sync), then time the changes to the last one. A restore
+    still running after `timeout` is killed and reported as taking `timeout` (a lower bound, flagged
+    by timed_out = 1); the changes after it are then not measured, nor is latency."""
     restore = [f"iptables-{mode.split('-')[1]}-restore", "--noflush", "--counters"]
     base, last = services[:-1], services[-1]
     m: dict[str, float] = {}
     try:
-        m["full_sync_seconds"] = r.ns(restore, iptables_sync(base, None) + BASE_JUMPS, timeout)
+        m["full_sync_seconds"] = r.ns(pod, restore, iptables_sync(base, None) + BASE_JUMPS, timeout)
         times = []
         for svc, old in _changes(last):
             stale = [_sep_chain(svc, ip) for ip in old if ip not in svc.endpoints]
-            times.append(r.ns(restore, iptables_sync([*base, svc], [svc], stale), timeout))
+            times.append(r.ns(pod, restore, iptables_sync([*base, svc], [svc], stale), timeout))
         m["change_seconds"] = median(times)
-        m.update(r.latency(last.vip, conns))
     except subprocess.TimeoutExpired:
         m.setdefault("full_sync_seconds", timeout)
         m["change_seconds"] = timeout
         m["timed_out"] = 1.0
-    finally:  # leave the namespace as it was
-        if mode == "iptables-nft":
-            r.ns(["nft", "flush", "ruleset"])  # this namespace holds nothing else; -F/-X is slow at this size
-        else:
-            for table in ("nat", "filter"):
-                r.ns(["iptables-legacy", "-t", table, "-F"])
-                r.ns(["iptables-legacy", "-t", table, "-X"])
     return m
 
 
-def bench_nftables(r: Runner, services: list[Svc], conns: int, timeout: float) -> dict[str, float]:
+def clear_iptables(r: PodShell, pod: str, mode: str) -> None:
+    if mode == "iptables-nft":
+        r.ns(pod, ["nft", "flush", "ruleset"])  # this namespace holds nothing else; -F/-X is slow at this size
+    else:
+        for table in ("nat", "filter"):
+            r.ns(pod, ["iptables-legacy", "-t", table, "-F"])
+            r.ns(pod, ["iptables-legacy", "-t", table, "-X"])
+
+
+def sync_nftables(r: PodShell, pod: str, services: list[Svc], timeout: float) -> dict[str, float]:
     base, last = services[:-1], services[-1]
     text = NFT_BASE + "".join(nft_service(s) for s in base)
     m: dict[str, float] = {}
     try:
-        m["full_sync_seconds"] = r.ns(["nft", "-f", "-"], text, timeout)
-        times = [r.ns(["nft", "-f", "-"], nft_service(svc, old, new=not old), timeout) for svc, old in _changes(last)]
+        m["full_sync_seconds"] = r.ns(pod, ["nft", "-f", "-"], text, timeout)
+        times = [r.ns(pod, ["nft", "-f", "-"], nft_service(svc, old, new=not old), timeout)
+                 for svc, old in _changes(last)]
         m["change_seconds"] = median(times)
-        m.update(r.latency(last.vip, conns))
     except subprocess.TimeoutExpired:  # reported as at least `timeout`, flagged
         m.setdefault("full_sync_seconds", timeout)
         m.setdefault("change_seconds", timeout)
         m["timed_out"] = 1.0
-    finally:
-        r.ns(["nft", "delete", "table", "ip", "kube-proxy"])
     return m
 
 
@@ -378,53 +422,91 @@ def _records(s: Svc) -> tuple[Service, EndpointSlice]:
     return svc, sl
 
 
-def bench_ebpf(r: Runner, lab: Lab, services: list[Svc], conns: int) -> dict[str, float]:
+def sync_ebpf(maps: LbMaps, services: list[Svc]) -> tuple[ClusterState, dict[str, float]]:
+    """The same services through the state model into the lb_* maps: the whole set but the last
+    (full sync), then the changes to the last one, each a ClusterState.apply() of its events."""
     base, last = services[:-1], services[-1]
-    with open_lb(loader.pin_dir(lab.instance)) as maps:
-        state = ClusterState()
-        rec = ServiceLBReconciler(NODE, maps)
-        rec.state = state
-        state.subscribe(rec.on_change)
-        events = [Event(EventType.ADDED, x) for s in base for x in _records(s)]
+    state = ClusterState()
+    rec = ServiceLBReconciler(NODE, maps)
+    rec.state = state
+    state.subscribe(rec.on_change)
+    events = [Event(EventType.ADDED, x) for s in base for x in _records(s)]
+    t0 = time.perf_counter()
+    state.apply(events, synced=True)
+    full = time.perf_counter() - t0
+    times, ops = [], []
+    for svc, old in _changes(last):
+        service, sl = _records(svc)
+        evs = [Event(EventType.MODIFIED, sl)] if old else [Event(EventType.ADDED, service), Event(EventType.ADDED, sl)]
+        before = rec.map_ops
         t0 = time.perf_counter()
-        state.apply(events, synced=True)
-        full = time.perf_counter() - t0
-        times, ops = [], []
-        for svc, old in _changes(last):
-            service, sl = _records(svc)
-            evs = [Event(EventType.MODIFIED, sl)] if old else [Event(EventType.ADDED, service), Event(EventType.ADDED, sl)]
-            before = rec.map_ops
-            t0 = time.perf_counter()
-            state.apply(evs)
-            times.append(time.perf_counter() - t0)
-            ops.append(rec.map_ops - before)
-        m = {"full_sync_seconds": full, "change_seconds": median(times), "change_map_operations": float(max(ops))}
-        m.update(r.latency(last.vip, conns))
-        state.apply([Event(EventType.DELETED, x) for s in services for x in _records(s)])  # empty again
-    return m
+        state.apply(evs)
+        times.append(time.perf_counter() - t0)
+        ops.append(rec.map_ops - before)
+    return state, {"full_sync_seconds": full, "change_seconds": median(times),
+                   "change_map_operations": float(max(ops))}
+
+
+def latency_stats(samples: list[float], errors: int) -> dict[str, float]:
+    lo, hi = median_ci95(samples)
+    return {"connect_first_byte_p50_seconds": percentile(samples, 50),
+            "connect_first_byte_p50_ci95_low_seconds": lo, "connect_first_byte_p50_ci95_high_seconds": hi,
+            "connect_first_byte_p99_seconds": percentile(samples, 99),
+            "connections_measured": float(len(samples)), "failed_connections": float(errors)}
+
+
+def measure_latency(clients: dict[str, LatencyClient], vip: str, conns: int, batches: int,
+                    ) -> dict[str, dict[str, float]]:
+    """`conns` connections per mode to `vip`, in `batches` rounds; each round runs one batch of every
+    mode, the order rotating, so a burst of noise from elsewhere on the machine lands on all modes."""
+    samples: dict[str, list[float]] = {m: [] for m in clients}
+    errors = dict.fromkeys(clients, 0)
+    per = max(1, conns // batches)
+    order = list(clients)
+    for b in range(batches):
+        for mode in order[b % len(order):] + order[:b % len(order)]:
+            s, e = clients[mode].measure(vip, per, WARM_PER_BATCH)
+            samples[mode] += s
+            errors[mode] += e
+    out = {}
+    for mode in clients:
+        if errors[mode] > len(samples[mode]) // 100 or not samples[mode]:
+            raise RuntimeError(f"{mode}: {errors[mode]} of {per * batches} connections to {vip} failed")
+        out[mode] = latency_stats(samples[mode], errors[mode])
+    return out
+
+
+WARM_PER_BATCH = 10  # connections before each batch, not counted: the caches the other modes cooled
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench servicelb")
+    ap = argparse.ArgumentParser(prog="python -m bench servicelb", description=__doc__.split("\n")[0])
     ap.add_argument("--services", type=int, action="append", metavar="N",
-                    help="number of services (repeatable; default 1000, 5000 and 10000; 1 is always measured too)")
-    ap.add_argument("--conns", type=int, default=2000, help="connections per latency measurement")
+                    help="number of services (repeatable; default 1000 and 10000; 1 is always measured too)")
+    ap.add_argument("--conns", type=int, default=10_000,
+                    help="connections per latency cell, i.e. per mode and size (default 10000)")
+    ap.add_argument("--batches", type=int, default=20,
+                    help="the connections of a cell run in this many batches, interleaved with the other "
+                         "modes' (default 20)")
     ap.add_argument("--modes", default=",".join(MODES), help=f"kube-proxy modes to compare (default {','.join(MODES)})")
-    ap.add_argument("--iptables-nft-max", type=int, default=5000, metavar="N",
+    ap.add_argument("--iptables-nft-max", type=int, default=1000, metavar="N",
                     help="largest size run on the iptables nft backend (its restores grow superlinearly: "
-                         "minutes per change at 10,000 services here; default 5000)")
+                         "minutes per change at 10,000 services here; default 1000)")
     ap.add_argument("--restore-timeout", type=float, default=240.0, metavar="SECONDS",
                     help="kill one kube-proxy restore after this long and report it as at least that (default 240)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     # SIGTERM (a CI timeout, kill) unwinds like Ctrl-C: the lab and every rule in it are removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    sizes = sorted({1, *(args.services or [1000, 5000, 10000])})
+    sizes = sorted({1, *(args.services or [1000, 10000])})
     modes = [m for m in args.modes.split(",") if m]
     for m in modes:
         if m not in MODES:
             print(f"bench servicelb: unknown mode {m!r}; choose from {', '.join(MODES)}", file=sys.stderr)
             return 2
+    if args.conns < 100 or not 1 <= args.batches <= args.conns // 10:
+        print("bench servicelb: --conns must be at least 100 and --batches between 1 and conns/10", file=sys.stderr)
+        return 2
     tools = {"iptables-legacy": "iptables-legacy-restore", "iptables-nft": "iptables-nft-restore", "nftables": "nft"}
     missing = [tools[m] for m in modes if not shutil.which(tools[m])]
     if missing:
@@ -437,48 +519,70 @@ def main(argv: list[str]) -> int:
 
     def progress(msg: str) -> None:
         if not args.json:
-            print(msg, file=sys.stderr, flush=True)
+            print(f"[{time.monotonic() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
+    cpu = placements()[0].server  # every process of the measurement on this one CPU: see the docstring
     baseline: dict[str, float] = {}
     candidate: dict[str, float] = {}
     t_start = time.monotonic()
-    with Lab(3, attach=False) as lab:
-        servers = [lab.popen(p, [sys.executable, "-c", SERVER, str(BACKEND_PORT)], stdout=subprocess.PIPE, text=True)
-                   for p in ("pod2", "pod3")]
+    clients = [c for c in CLIENTS if c.mode in (*modes, "ebpf")]
+    with Lab(6, attach=False) as lab:
+        r = PodShell(lab)
+        servers = [lab.popen(p, pinned([sys.executable, "-c", SERVER, str(BACKEND_PORT)], cpu), in_cgroup=False,
+                             stdout=subprocess.PIPE, text=True) for p in BACKENDS]
+        running: dict[str, LatencyClient] = {}
         try:
             for s in servers:
                 assert s.stdout is not None
                 if s.stdout.readline().strip() != "ready":
                     raise RuntimeError("a backend server did not start")
-            r = Runner(lab)
-            # kube-proxy's rules see pod1's own connections in OUTPUT, after routing: give the service
-            # range a route into the lab bridge (nothing leaves the lab: the bridge has no uplink).
-            r.ns(["ip", "route", "add", "10.96.0.0/16", "dev", "eth0"])
+            for c in clients:
+                # kube-proxy's rules see a pod's own connections in OUTPUT, after routing: give the service
+                # range a route into the lab bridge (nothing leaves the lab: the bridge has no uplink).
+                r.ns(c.pod, ["ip", "route", "add", "10.96.0.0/16", "dev", "eth0"])
+                running[c.mode] = LatencyClient(lab, c, cpu)
+            lab.attach_bpf()
+            # The LB alone: no sockmap splicing (no pod is a local endpoint for sockops).
+            with open_pinned(loader.pin_dir(lab.instance)) as pm:
+                for k in list(pm.local_endpoints):
+                    del pm.local_endpoints[k]
             real = (lab.pod("pod2").ipv4, lab.pod("pod3").ipv4)
-            for n in sizes:
-                services = [Svc(f"svc{i}", vip_of(i), fake_endpoints(i)) for i in range(n - 1)]
-                services.append(Svc(f"svc{n - 1}", vip_of(n - 1), real))
-                for mode in modes:
-                    if mode == "iptables-nft" and n > args.iptables_nft_max:
-                        progress(f"[{time.monotonic() - t_start:6.1f}s] {n} services: kube-proxy {mode} skipped "
-                                 f"(--iptables-nft-max {args.iptables_nft_max})")
-                        continue
-                    progress(f"[{time.monotonic() - t_start:6.1f}s] {n} services: kube-proxy {mode}")
-                    m = bench_nftables(r, services, args.conns, args.restore_timeout) if mode == "nftables" else \
-                        bench_iptables(r, mode, services, args.conns, args.restore_timeout)
-                    baseline.update({f"{mode.replace('-', '_')}_n{n}_{k}": v for k, v in m.items()})
-                progress(f"[{time.monotonic() - t_start:6.1f}s] {n} services: eBPF socket LB")
-                lab.attach_bpf()  # attached only for the candidate: the baselines run without our hooks
-                try:
-                    # The LB alone: no sockmap splicing (pods are not local endpoints for sockops).
-                    with open_pinned(loader.pin_dir(lab.instance)) as pm:
-                        for k in list(pm.local_endpoints):
-                            del pm.local_endpoints[k]
-                    m = bench_ebpf(r, lab, services, args.conns)
-                finally:
-                    lab.detach_bpf()
-                candidate.update({f"ebpf_n{n}_{k}": v for k, v in m.items()})
+            with open_lb(loader.pin_dir(lab.instance)) as lb_maps:
+                for n in sizes:
+                    services = [Svc(f"svc{i}", vip_of(i), fake_endpoints(i)) for i in range(n - 1)]
+                    services.append(Svc(f"svc{n - 1}", vip_of(n - 1), real))
+                    measured: dict[str, LatencyClient] = {}
+                    for c in clients:
+                        if c.mode == "iptables-nft" and n > args.iptables_nft_max:
+                            progress(f"{n} services: kube-proxy {c.mode} skipped (--iptables-nft-max "
+                                     f"{args.iptables_nft_max})")
+                            continue
+                        progress(f"{n} services: writing them as {c.mode}")
+                        key = c.mode.replace("-", "_")
+                        if c.mode == "ebpf":
+                            state, m = sync_ebpf(lb_maps, services)
+                            candidate.update({f"ebpf_n{n}_{k}": v for k, v in m.items()})
+                        else:
+                            m = sync_nftables(r, c.pod, services, args.restore_timeout) if c.mode == "nftables" \
+                                else sync_iptables(r, c.pod, c.mode, services, args.restore_timeout)
+                            baseline.update({f"{key}_n{n}_{k}": v for k, v in m.items()})
+                        if not m.get("timed_out"):
+                            measured[c.mode] = running[c.mode]
+                    progress(f"{n} services: connect latency, {args.conns} connections per mode in "
+                             f"{args.batches} interleaved batches ({', '.join(measured)})")
+                    for mode, lat in measure_latency(measured, services[-1].vip, args.conns, args.batches).items():
+                        target = candidate if mode == "ebpf" else baseline
+                        target.update({f"{mode.replace('-', '_')}_n{n}_{k}": v for k, v in lat.items()})
+                    for c in clients:  # empty again for the next size
+                        if c.mode == "ebpf":
+                            state.apply([Event(EventType.DELETED, x) for s in services for x in _records(s)])
+                        elif c.mode == "nftables":
+                            r.ns(c.pod, ["nft", "delete", "table", "ip", "kube-proxy"])
+                        elif c.mode in measured or baseline.get(f"{c.mode.replace('-', '_')}_n{n}_timed_out"):
+                            clear_iptables(r, c.pod, c.mode)
         finally:
+            for lc in running.values():
+                lc.close()
             for s in servers:
                 s.kill()
                 s.wait()
@@ -493,10 +597,13 @@ def main(argv: list[str]) -> int:
         for q in ("p50", "p99"):
             ratio[f"ebpf_n{n}_over_n1_connect_first_byte_{q}"] = (candidate[f"ebpf_n{n}_connect_first_byte_{q}_seconds"]
                                                                   / candidate[f"ebpf_n1_connect_first_byte_{q}_seconds"])
-    extra: dict[str, Any] = {"sizes": sizes, "modes": modes, "conns": args.conns, "endpoints_per_service": 2,
-                             "wall_seconds": round(time.monotonic() - t_start, 1),
-                             "ratio_meaning": "candidate/baseline, as in every benchmark (0.002 = 500x faster); "
-                                              "ebpf_nN_over_n1: candidate at N services relative to 1 service"}
+    extra: dict[str, Any] = {
+        "sizes": sizes, "modes": modes, "conns_per_cell": args.conns, "batches": args.batches,
+        "endpoints_per_service": 2, "cpu": cpu, "wall_seconds": round(time.monotonic() - t_start, 1),
+        "ratio_meaning": "candidate/baseline, as in every benchmark (0.002 = 500x faster); "
+                         "ebpf_nN_over_n1: candidate at N services relative to 1 service",
+        "spread_meaning": "connect_first_byte_p50_ci95_low/high: 95% confidence interval of the median "
+                          "(distribution-free, from the order statistics of all connections of the cell)"}
     if args.json:
         report("servicelb", baseline, candidate, ratio, True, extra)
         return 0
@@ -506,19 +613,36 @@ def main(argv: list[str]) -> int:
 
 def _print_table(sizes: list[int], modes: list[str], base: dict[str, float], cand: dict[str, float],
                  extra: dict[str, Any]) -> None:
-    m = machine()
-    print(f"servicelb: {m['cpu_model']}, {m['cpus']} CPUs, kernel {m['kernel']}, Python {m['python']}")
+    print(machine_line("servicelb", machine()))
     cols = [*modes, "ebpf"]
-    metrics = ("full_sync_seconds", "change_seconds", "connect_first_byte_p50_seconds",
-               "connect_first_byte_p99_seconds")
-    print(f"  {'services':>8}  {'metric':<32}" + "".join(f"{c:>16}" for c in cols) + "   ebpf / best kube-proxy")
+
+    def get(col: str, n: int, k: str) -> float | None:
+        return (cand if col == "ebpf" else base).get(f"{col.replace('-', '_')}_n{n}_{k}")
+
+    def us(v: float | None) -> str:
+        return "-" if v is None else f"{v * 1e6:.1f}"
+
+    print(f"  {'services':>8}  {'metric':<30}" + "".join(f"{c:>22}" for c in cols) + "   ebpf / best kube-proxy")
     for n in sizes:
-        for k in metrics:
-            vals = [base.get(f"{c.replace('-', '_')}_n{n}_{k}") for c in modes] + [cand.get(f"ebpf_n{n}_{k}")]
-            shown = "".join(f"{v:16.6g}" if v is not None else f"{'-':>16}" for v in vals)
-            known = [v for v in vals[:-1] if v is not None]
-            ratio = f"{vals[-1] / min(known):10.4f}" if known and vals[-1] and min(known) else ""
-            print(f"  {n:>8}  {k:<32}{shown}   {ratio}")
-        ops = cand.get(f"ebpf_n{n}_change_map_operations")
-        print(f"  {n:>8}  {'ebpf map operations per change':<32}{'':>{16 * len(modes)}}{ops:16.0f}")
-    print(f"  connections per latency run: {extra['conns']}, wall time {extra['wall_seconds']} s")
+        for k, label in (("full_sync_seconds", "full sync (ms)"), ("change_seconds", "one change (ms)")):
+            vals = [get(c, n, k) for c in cols]
+            shown = "".join(f"{'-' if v is None else f'{v * 1e3:.3f}':>22}" for v in vals)
+            print(f"  {n:>8}  {label:<30}{shown}   {_ratio(vals)}")
+        vals = [get(c, n, "connect_first_byte_p50_seconds") for c in cols]
+        cells = [f"{us(v)} [{us(get(c, n, 'connect_first_byte_p50_ci95_low_seconds'))}-"
+                 f"{us(get(c, n, 'connect_first_byte_p50_ci95_high_seconds'))}]" if v is not None else "-"
+                 for c, v in zip(cols, vals, strict=True)]
+        print(f"  {n:>8}  {'connect+1st byte p50 (us) [95% CI]':<30}" + "".join(f"{x:>22}" for x in cells)
+              + f"   {_ratio(vals)}")
+        vals = [get(c, n, "connect_first_byte_p99_seconds") for c in cols]
+        print(f"  {n:>8}  {'connect+1st byte p99 (us)':<30}" + "".join(f"{us(v):>22}" for v in vals)
+              + f"   {_ratio(vals)}")
+        ops = cand.get(f"ebpf_n{n}_change_map_operations", float("nan"))
+        print(f"  {n:>8}  {'ebpf map operations per change':<30}{'':>{22 * len(modes)}}{ops:22.0f}")
+    print(f"  {extra['conns_per_cell']} connections per latency cell in {extra['batches']} batches interleaved "
+          f"across modes; every client and backend on CPU {extra['cpu']}; wall time {extra['wall_seconds']} s")
+
+
+def _ratio(vals: list[float | None]) -> str:
+    known = [v for v in vals[:-1] if v is not None]
+    return f"{vals[-1] / min(known):10.4f}" if known and vals[-1] and min(known) else ""
