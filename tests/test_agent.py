@@ -12,7 +12,6 @@ import sys
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,14 +19,11 @@ import pytest
 from accel.agent import Agent, AgentConfig
 from accel.sources.base import Sink
 from accel.sources.manifests import ManifestSource
-from tests.waiting import eventually
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parent.parent
 
-
-def wait_until(cond: Callable[[], bool], timeout: float = 15.0) -> bool:
-    return eventually(cond, timeout, 0.02)
 
 def get(url: str) -> tuple[int, str]:
     try:
@@ -109,9 +105,9 @@ def test_agent_follows_manifests_and_survives_bad_input(tmp_path: Path, caplog: 
         # The agent keeps going: a pod added and one deleted reach the map.
         (folder / "more.yaml").write_text(GOOD.split("---")[2].replace("name: db", "name: web")
                                           .replace("10.0.0.2", "10.0.0.3"))
-        assert wait_until(lambda: "10.0.0.3" in table)
+        wait_until(lambda: "10.0.0.3" in table, 15, "the added pod in the map")
         (folder / "more.yaml").unlink()
-        assert wait_until(lambda: "10.0.0.3" not in table)
+        wait_until(lambda: "10.0.0.3" not in table, 15, "the deleted pod gone from the map")
         status = json.loads(get(base + "/status")[1])
         assert status["ready"] and status["local_endpoints"] == 2 and status["objects"]["Pod"] == 2
         assert agent.healthy()
@@ -155,7 +151,7 @@ def test_accel_agent_command(tmp_path: Path) -> None:
         line = proc.stdout.readline()
         assert "listening on http://127.0.0.1:" in line, line
         base = line.strip().rsplit(" ", 1)[1]
-        assert wait_until(lambda: get(base + "/readyz")[0] == 200)
+        wait_until(lambda: get(base + "/readyz")[0] == 200, 15, "/readyz 200")
         assert json.loads(get(base + "/status")[1])["local_endpoints"] == 2
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0

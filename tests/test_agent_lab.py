@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from accel.state.model import Event, EventType
 from accel.state.parse import parse_object
 from accel.state.store import ClusterState
 from tests import traffic
-from tests.waiting import eventually
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.lab]
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,9 +63,6 @@ def counters(lab: Lab) -> dict[str, int]:
         return maps.counters()
 
 
-def wait_until(cond: Callable[[], bool], timeout: float = 20.0) -> bool:
-    return eventually(cond, timeout, 0.05)
-
 def start_agent(lab: Lab, folder: Path, state: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "accel.cli", "agent", "--node", NODE, "--source", f"manifests:{folder}",
@@ -99,22 +95,25 @@ def test_agent_drives_the_pinned_map_and_survives_sigkill(make_lab: Callable[...
     try:
         proc, base = start_agent(lab, folder, state)
         procs.append(proc)
-        assert wait_until(lambda: ready(base))
+        wait_until(lambda: ready(base), what="the agent ready")
         # The lab pre-registered both pods under its own numbers; the agent corrected that in place.
-        assert wait_until(lambda: pinned(lab) == expected(folder))
+        wait_until(lambda: pinned(lab) == expected(folder), what="the pinned map to equal the folder")
         assert p2.ipv4 not in pinned(lab)
         # A pod added to the folder appears in the map; deleted, it disappears.
         (folder / "pod2.yaml").write_text(pod_yaml("pod2", p2.ipv4, p2.ipv6, "server"))
-        assert wait_until(lambda: pinned(lab) == expected(folder) and p2.ipv4 in pinned(lab))
+        wait_until(lambda: pinned(lab) == expected(folder) and p2.ipv4 in pinned(lab),
+                   what="pod2 added to the pinned map")
         (folder / "pod2.yaml").unlink()
-        assert wait_until(lambda: p2.ipv4 not in pinned(lab) and pinned(lab) == expected(folder))
+        wait_until(lambda: p2.ipv4 not in pinned(lab) and pinned(lab) == expected(folder),
+                   what="pod2 gone from the pinned map")
         (folder / "pod2.yaml").write_text(pod_yaml("pod2", p2.ipv4, p2.ipv6, "server"))
-        assert wait_until(lambda: pinned(lab) == expected(folder) and p2.ipv4 in pinned(lab))
+        wait_until(lambda: pinned(lab) == expected(folder) and p2.ipv4 in pinned(lab),
+                   what="pod2 added to the pinned map")
         before = pinned(lab)
 
         # Long-lived connections through the fast path, then SIGKILL the agent in the middle of them.
         t = traffic.start(lab, "pod2", "pod1", p2.ipv4, 9100, conns=8, msgs=30, max_size=64 * 1024, pause=0.1)
-        time.sleep(0.5)
+        wait_until(lambda: counters(lab)["sockets_inserted"] >= 16, what="the 8 connections spliced")
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         at_kill = counters(lab)
@@ -122,7 +121,7 @@ def test_agent_drives_the_pinned_map_and_survives_sigkill(make_lab: Callable[...
         assert pinned(lab) == before  # nothing flushed the map when the agent died
         proc, base = start_agent(lab, folder, state)
         procs.append(proc)
-        assert wait_until(lambda: ready(base))
+        wait_until(lambda: ready(base), what="the agent ready")
         assert traffic.finish(t, 8) > 0  # every connection's bytes arrived intact, both ways
         after = counters(lab)
         # Messages kept taking the sockmap redirect after the kill and the restart.
@@ -188,19 +187,20 @@ def test_agent_programs_a_clusterip_from_the_manifest_folder(make_lab: Callable[
             assert s.stdout is not None and s.stdout.readline().strip() == "up"
         proc, base = start_agent(lab, folder, state, "--service-cidr", "10.96.0.0/16")
         procs.append(proc)
-        assert wait_until(lambda: ready(base))
+        wait_until(lambda: ready(base), what="the agent ready")
         assert ask(lab, "pod1", vip, 80) == "ECONNREFUSED"  # in the service range, but no such service yet
         (folder / "svc.yaml").write_text(json.dumps(svc))
         (folder / "eps.yaml").write_text(json.dumps(eps))
-        assert wait_until(lambda: ask(lab, "pod1", vip, 80).endswith(vip))
+        wait_until(lambda: ask(lab, "pod1", vip, 80).endswith(vip), what="the service answering pod1")
         seen = {ask(lab, "pod1", vip, 80) for _ in range(30)}
         assert seen == {f"pod2 {vip}", f"pod3 {vip}"}  # both backends, and getpeername() gives the VIP
         # The excluded pod's connect() goes to the VIP itself, which nothing in the lab routes.
         assert ask(lab, "pod4", vip, 80) in (f"pod2 {vip}", f"pod3 {vip}")  # no process there yet: translated
         pause = lab.popen("pod4", ["sleep", "300"])  # no event follows: the agent's idle retry finds it
-        assert wait_until(lambda: ask(lab, "pod4", vip, 80) == "ENETUNREACH")
+        wait_until(lambda: ask(lab, "pod4", vip, 80) == "ENETUNREACH",
+                   what="the excluded pod to keep the VIP")
         (folder / "svc.yaml").unlink()
-        assert wait_until(lambda: ask(lab, "pod1", vip, 80) == "ECONNREFUSED")
+        wait_until(lambda: ask(lab, "pod1", vip, 80) == "ECONNREFUSED", what="the deleted service refused")
     finally:
         for p in [*procs, *servers, *([pause] if pause else [])]:
             p.kill()
@@ -225,8 +225,8 @@ def test_agent_compiles_in_a_child_and_keeps_llvm_out_of_its_memory(make_lab: Ca
         line = proc.stdout.readline()
         assert "listening on http://" in line, line
         base = line.strip().rsplit(" ", 1)[1]
-        assert wait_until(lambda: ready(base))
-        assert wait_until(lambda: pinned(lab) == expected(folder))
+        wait_until(lambda: ready(base), what="the agent ready")
+        wait_until(lambda: pinned(lab) == expected(folder), what="the pinned map to equal the folder")
         mapped = Path(f"/proc/{proc.pid}/maps").read_text()
         assert "libLLVM" not in mapped and "libclang" not in mapped and "libbcc.so" not in mapped
     finally:

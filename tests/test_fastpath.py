@@ -17,6 +17,7 @@ from sockops_bpf import libbpf, loader
 from sockops_bpf.layout import MAPS
 from sockops_bpf.maps import open_pinned
 from tests import traffic
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.lab]
 MiB = 1 << 20
@@ -70,7 +71,8 @@ def test_connection_opened_before_attach_keeps_working(make_lab: Callable[..., A
     lab: Lab = make_lab(2, attach=False)
     t = traffic.start(lab, "pod1", "pod2", lab.pod("pod1").ipv4, 9004, conns=5, msgs=60, max_size=256 * 1024,
                       pause=0.03)
-    time.sleep(0.5)  # streams are under way on the plain path
+    wait_until(lambda: traffic.established(lab, "pod1", 9004) == 5 and traffic.established(lab, "pod2", 9004) == 5,
+               what="the 5 plain connections established at both ends")  # under way on the plain path
     lab.attach_bpf()
     after = traffic.start(lab, "pod1", "pod2", lab.pod("pod1").ipv4, 9005, conns=5, msgs=4, max_size=MiB)
     traffic.finish(after, 5)
@@ -85,10 +87,9 @@ def test_detach_and_reload_while_50_connections_stream(make_lab: Callable[..., A
     # ~10 s streams: long enough to outlive two recompiles on a busy 2-core machine.
     t = traffic.start(lab, "pod1", "pod2", lab.pod("pod1").ipv4, 9006, conns=50, msgs=200, max_size=64 * 1024,
                       pause=0.05)
-    time.sleep(0.5)
-    assert counters(lab)["sockets_inserted"] >= 100
+    wait_until(lambda: counters(lab)["sockets_inserted"] >= 100, what="both ends of the 50 connections spliced")
     loader.detach(lab.instance)  # agent stopped: no new splicing, spliced sockets keep going
-    time.sleep(0.3)
+    time.sleep(0.3)  # deliberate: the streams run on for a while with no programs attached
     lab.attach_bpf()  # agent restarted / upgraded: recompile, swap programs, reuse the pinned maps
     with open_pinned(loader.pin_dir(lab.instance)) as maps:
         assert maps.socket_count() >= 100  # the established sockets are still in the map
@@ -103,7 +104,7 @@ def test_uninstall_keeps_live_spliced_connections_until_they_close(make_lab: Cal
     lab: Lab = make_lab(2)
     t = traffic.start(lab, "pod1", "pod2", lab.pod("pod1").ipv4, 9007, conns=20, msgs=100, max_size=64 * 1024,
                       pause=0.03)
-    time.sleep(0.5)
+    wait_until(lambda: counters(lab)["sockets_inserted"] >= 40, what="both ends of the 20 connections spliced")
     left = loader.uninstall(lab.instance, drain_seconds=0.2)
     assert left >= 40
     assert not (loader.pin_dir(lab.instance) / "link_sockops").exists()  # detached: no new splicing

@@ -21,8 +21,9 @@ import pytest
 import yaml
 
 from accel.envoy import Envoy, EnvoyConfig
-from tests.envoy_helpers import backends, free_port, wait_until
+from tests.envoy_helpers import backends, free_port
 from tests.test_integration_certs import ROOT, start, stop
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.envoy]
 NS = "shop"

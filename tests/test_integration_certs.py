@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from certs.keys import generate_key, key_pem, load_certs_pem
 from certs.signer import SignError
 from certs.spiffe import SpiffeId
 from certs.store import FileStore
-from tests import waiting
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.unit]
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,9 +68,6 @@ def stop(proc: subprocess.Popen[str]) -> int:
         proc.wait(5)
         raise AssertionError("process did not stop on SIGTERM") from None
 
-
-def wait_until(cond: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    waiting.wait_until(cond, timeout, what, 0.1)
 
 def node_credential(ca_dir: Path, node: str, out: Path) -> Path:
     subprocess.run(accel("ca", "issue-node", node, "--dir", str(ca_dir), "--out", str(out)), cwd=ROOT, check=True,

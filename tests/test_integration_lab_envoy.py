@@ -22,8 +22,8 @@ from accel.errors import UserError
 from accel.lab import Lab
 from accel.lab_agent import NAMESPACE, LabAgent, agent_dir, stop
 from accel.state.model import MtlsMode
-from tests import waiting
 from tests.conftest import require
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.lab, pytest.mark.envoy]
 
@@ -61,9 +61,6 @@ except Exception as e:
     print("ERROR", e)
 """
 
-
-def wait_until(cond: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    waiting.wait_until(cond, timeout, what, 0.2)
 
 FRONT_VIP = "10.96.0.80"
 
@@ -118,16 +115,17 @@ def test_lab_agent_drives_envoy_routes_and_sds(make_lab: Callable[..., Any]) -> 
         (la.manifests / "services.yaml").write_text(yaml.safe_dump_all(docs))
         (la.manifests / "route.yaml").write_text(yaml.safe_dump(route("svc-a", "svc-b")))
 
-        wait_until(lambda: f"{NAMESPACE}/front:80" in la.status()["xds"]["listeners"], what="L7 listener in status")
+        wait_until(lambda: f"{NAMESPACE}/front:80" in la.status()["xds"]["listeners"], timeout=30,
+                   what="L7 listener in status")
         listener = la.status()["xds"]["listeners"][f"{NAMESPACE}/front:80"]
         assert listener.startswith(lab.node_ipv4 + ":")
         wait_until(lambda: "l7|lab|front|80" in json.dumps(la.config_dump("dynamic_listeners")),
-                   what="Envoy has the listener")
+                   timeout=30, what="Envoy has the listener")
 
         def get(path: str) -> str:
             return run_in(lab, "pod1", HTTP_GET, f"http://{listener}{path}")
 
-        wait_until(lambda: get("/a") == "pod2", what="/a routed to pod2")
+        wait_until(lambda: get("/a") == "pod2", timeout=30, what="/a routed to pod2")
         assert get("/b") == "pod3"
         assert get("/a/deeper") == "pod2"
 
@@ -136,19 +134,19 @@ def test_lab_agent_drives_envoy_routes_and_sds(make_lab: Callable[..., Any]) -> 
         def via_vip(path: str) -> str:
             return run_in(lab, "pod1", HTTP_GET, f"http://{FRONT_VIP}{path}")
 
-        wait_until(lambda: via_vip("/a") == "pod2", what="/a through the ClusterIP routed to pod2")
+        wait_until(lambda: via_vip("/a") == "pod2", timeout=30, what="/a through the ClusterIP routed to pod2")
         assert via_vip("/b") == "pod3"
 
         # Change the HTTPRoute file: /a now goes to svc-b.
         (la.manifests / "route.yaml").write_text(yaml.safe_dump(route("svc-b", "svc-b")))
-        wait_until(lambda: get("/a") == "pod3", what="/a re-routed to pod3")
+        wait_until(lambda: get("/a") == "pod3", timeout=30, what="/a re-routed to pod3")
         assert get("/b") == "pod3"
         assert via_vip("/a") == "pod3"
 
         # SDS: pod2 is mTLS-enrolled (namespace annotation); Envoy serves its SVID on the inbound listener.
         sid = f"spiffe://cluster.local/ns/{NAMESPACE}/sa/pod2"
         key = f"inbound {p2.ipv4}:8080 {sid}"
-        wait_until(lambda: key in la.status()["xds"]["listeners"], what="inbound mTLS listener")
+        wait_until(lambda: key in la.status()["xds"]["listeners"], timeout=30, what="inbound mTLS listener")
         host, port = la.status()["xds"]["listeners"][key].rsplit(":", 1)
         root = str(agent_dir(lab.id) / "ca" / "root-cert.pem")
 
@@ -159,16 +157,16 @@ def test_lab_agent_drives_envoy_routes_and_sds(make_lab: Callable[..., Any]) -> 
         first = serial_in_status()
         assert first
         wait_until(lambda: run_in(lab, "pod1", TLS_GET, host, port, root) == f"{first} pod2",
-                   what="TLS handshake with pod2's SVID")
+                   timeout=30, what="TLS handshake with pod2's SVID")
         secrets = json.dumps(la.config_dump("dynamic_active_secrets"))
         assert sid in secrets
 
         # A forced rotation reaches Envoy without a restart.
         assert la.refresh_certs() >= 2
-        wait_until(lambda: serial_in_status() not in (None, first), what="new SVID in the agent")
+        wait_until(lambda: serial_in_status() not in (None, first), timeout=30, what="new SVID in the agent")
         second = serial_in_status()
         wait_until(lambda: run_in(lab, "pod1", TLS_GET, host, port, root) == f"{second} pod2",
-                   what="Envoy serving the rotated SVID")
+                   timeout=30, what="Envoy serving the rotated SVID")
         assert la.pid("envoy") == envoy_pid and la.envoy_admin("/ready")[0] == 200
         st = la.status()
         assert st["xds"]["nacks_total"] == 0 and st["xds"]["rejected"] == [], st["xds"]

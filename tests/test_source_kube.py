@@ -3,7 +3,7 @@ driven by the real `kubernetes` client: after every disturbance the model equals
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,15 +13,12 @@ from accel.kubefake import FakeApiServer
 from accel.sources.kube import KubeSource, load_api_client
 from accel.state.model import Kind
 from accel.state.parse import parse_object
-from tests.waiting import eventually
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.unit
 
 NODE = "node-a"
 
-
-def wait_until(cond: Callable[[], bool], timeout: float = 15.0) -> bool:
-    return eventually(cond, timeout, 0.02)
 
 def pod(name: str, ip: str, *, ns: str = "default", node: str = NODE, sa: str = "default") -> dict:
     return {"kind": "Pod", "metadata": {"name": name, "namespace": ns, "labels": {"app": name}},
@@ -103,7 +100,7 @@ def agent(srv: FakeApiServer, tmp_path: Path) -> Iterator[tuple[Agent, dict[str,
 
 def test_initial_sync_equals_server(srv: FakeApiServer, agent: tuple[Agent, dict[str, int]]) -> None:
     a, table = agent
-    assert wait_until(lambda: model_equals_server(a, srv))
+    wait_until(lambda: model_equals_server(a, srv), 15, "the model to equal the server")
     assert set(table) == expected_local_ips(srv) == {"10.0.0.1", "10.0.0.3", "10.0.0.5"}
     assert a.state.service_l7("default", "web")  # the HTTPRoute attaches to the Service
     assert srv.count("list Pod") == 1
@@ -115,13 +112,14 @@ def test_watch_events_and_dropped_streams(srv: FakeApiServer, agent: tuple[Agent
     assert srv.wait_for_watchers(["Pod", "Service", "EndpointSlice"])
     srv.apply(pod("new", "10.0.1.1"))
     srv.apply(slice_("web-1", "web", ["10.0.0.1", "10.0.1.1"]))
-    assert wait_until(lambda: model_equals_server(a, srv) and "10.0.1.1" in table)
+    wait_until(lambda: model_equals_server(a, srv) and "10.0.1.1" in table,
+               15, "the new pod in the model and the map")
     for round_ in range(3):
         srv.drop_watches()  # cut mid-event: half a JSON line, no end chunk
         srv.apply(pod(f"during-{round_}", f"10.0.2.{round_ + 1}"))
         if round_ == 0:
             srv.delete("Pod", "default", "p0")
-        assert wait_until(lambda: model_equals_server(a, srv))
+        wait_until(lambda: model_equals_server(a, srv), 15, "the model to equal the server")
     assert "10.0.0.1" not in table and "10.0.2.3" in table
     # Resumed from the last resourceVersion: no relist was needed.
     assert srv.count("list Pod") == 1
@@ -134,8 +132,9 @@ def test_410_gone_relists_and_diffs(srv: FakeApiServer, agent: tuple[Agent, dict
     srv.force_gone(3)
     srv.drop_watches()
     srv.apply(service("api", "10.96.0.11"))
-    assert wait_until(lambda: sum(srv.count(f"list {k}") for k in Kind) >= lists_before + 3)
-    assert wait_until(lambda: model_equals_server(a, srv))
+    wait_until(lambda: sum(srv.count(f"list {k}") for k in Kind) >= lists_before + 3,
+               15, "a relist of three kinds")
+    wait_until(lambda: model_equals_server(a, srv), 15, "the model to equal the server")
 
 
 def test_deleted_while_disconnected_replayed_or_relisted(srv: FakeApiServer,
@@ -150,7 +149,7 @@ def test_deleted_while_disconnected_replayed_or_relisted(srv: FakeApiServer,
             srv.compact()  # history gone: the client gets 410, relists and must diff out the deletes
         lists_before = srv.count("list Pod")
         srv.resume()
-        assert wait_until(lambda: model_equals_server(a, srv))
+        wait_until(lambda: model_equals_server(a, srv), 15, "the model to equal the server")
         if compact:
             assert srv.count("list Pod") == lists_before + 1
     assert set(table) == expected_local_ips(srv)
@@ -164,11 +163,12 @@ def test_bookmarks_move_the_resume_point(srv: FakeApiServer, agent: tuple[Agent,
     assert srv.wait_for_watchers(kinds)
     srv.apply({"kind": "Namespace", "metadata": {"name": "later"}})  # only the Namespace watch sees this RV
     srv.bookmark()
-    assert wait_until(lambda: all(a.metrics.source_ops.labels("bookmark", k)._value.get() >= 1 for k in kinds))
+    wait_until(lambda: all(a.metrics.source_ops.labels("bookmark", k)._value.get() >= 1 for k in kinds),
+               15, "a bookmark on every kind")
     srv.compact()  # anything older than the bookmark is gone now
     srv.drop_watches()
     srv.apply(pod("after", "10.0.3.1"))
-    assert wait_until(lambda: model_equals_server(a, srv))
+    wait_until(lambda: model_equals_server(a, srv), 15, "the model to equal the server")
     # Every kind resumed from its bookmark: none had to relist.
     assert all(srv.count(f"list {k}") == 1 for k in kinds)
 
@@ -180,7 +180,8 @@ def test_crds_absent_still_syncs(tmp_path: Path) -> None:
         try:
             assert isinstance(a.source, KubeSource)
             assert Kind.AUTHORIZATION_POLICY not in a.source.kinds and Kind.HTTP_ROUTE not in a.source.kinds
-            assert wait_until(lambda: model_equals_server(a, s, [Kind.POD, Kind.SERVICE]))
+            wait_until(lambda: model_equals_server(a, s, [Kind.POD, Kind.SERVICE]),
+                       15, "pods and services to equal the server")
             assert table and set(table) == {"10.1.0.1"}
         finally:
             a.stop()
@@ -195,7 +196,7 @@ def test_malformed_object_from_api_is_skipped(tmp_path: Path) -> None:
             assert set(table) == {"10.2.0.1"}
             assert a.metrics.bad_input.labels("invalid_object")._value.get() == 1
             s.apply(pod("good2", "10.2.0.2"))
-            assert wait_until(lambda: "10.2.0.2" in table)
+            wait_until(lambda: "10.2.0.2" in table, 15, "the good pod in the map")
             assert a.healthy()
         finally:
             a.stop()
@@ -228,6 +229,7 @@ def test_garbled_watch_stream_relists(srv: FakeApiServer, agent: tuple[Agent, di
     assert srv.wait_for_watchers(["Pod"])
     srv.inject_raw("Pod", b'["not", "an", "event"]\n')
     srv.apply(pod("after-garbage", "10.0.4.1"))
-    assert wait_until(lambda: model_equals_server(a, srv) and "10.0.4.1" in table)
+    wait_until(lambda: model_equals_server(a, srv) and "10.0.4.1" in table,
+               15, "the pod after the garbage in the model and the map")
     assert a.metrics.errors.labels("source", "watch_garbled")._value.get() >= 1
     assert srv.count("list Pod") == 2 and a.healthy()

@@ -11,6 +11,7 @@ import pytest
 from accel.sources.manifests import ManifestSource
 from accel.state.model import Event, EventType, Kind, ObjectKey
 from accel.state.store import ClusterState
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.unit
 
@@ -135,10 +136,7 @@ def test_run_signals_synced_and_follows_changes(tmp_path: Path) -> None:
         assert sink.was_synced.wait(10)
         assert [e.key.name for e in sink.events] == ["p1"]
         write(tmp_path / "b.yaml", POD.format(name="p2", ip="10.0.0.2"))
-        for _ in range(500):
-            if len(sink.events) == 2:
-                break
-            stop.wait(0.02)
+        wait_until(lambda: len(sink.events) == 2, 10, "the new file's event")
         assert [e.key.name for e in sink.events] == ["p1", "p2"]
     finally:
         stop.set()

@@ -24,7 +24,8 @@ from accel.envoy import Envoy, EnvoyConfig
 from accel.state.model import Endpoint, EndpointPort, EndpointSlice, HTTPRoute, Service, ServicePort
 from accel.state.parse import parse_object
 from accel.translate import L7Options, translate
-from tests.envoy_helpers import Backend, backends, free_port, issue, make_ca, wait_until
+from tests.envoy_helpers import Backend, backends, free_port, issue, make_ca
+from tests.waiting import wait_until
 from xds import resources as R
 from xds.cache import LISTENER, SnapshotCache, snapshot_of
 from xds.sds import SecretMaterial, build_secrets, trust_name

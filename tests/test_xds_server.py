@@ -10,7 +10,7 @@ import grpc
 import pytest
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
-from tests.envoy_helpers import wait_until
+from tests.waiting import wait_until
 from xds import resources as R
 from xds.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot, SnapshotCache
 from xds.server import XdsServer

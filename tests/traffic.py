@@ -34,6 +34,13 @@ def start(lab: Lab, server_pod: str, client_pod: str, host: str, port: int, conn
     return t
 
 
+def established(lab: Lab, pod: str, port: int) -> int:
+    """TCP connections in `pod` established to or from `port` (either end of a lab_traffic run)."""
+    out = lab.run(pod, ["ss", "-Htn", "state", "established", f"( sport = :{port} or dport = :{port} )"],
+                  in_cgroup=False, capture_output=True, text=True, check=True)
+    return len(out.stdout.splitlines())
+
+
 def finish(t: Traffic, conns: int, timeout: float = 240) -> int:
     """Wait for both sides; assert every connection's bytes match both ways. Returns bytes moved."""
     assert t.client is not None
