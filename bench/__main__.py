@@ -10,7 +10,9 @@ import bench
 
 
 def main(argv: list[str]) -> int:
-    names = sorted(m.name.replace("_", "-") for m in pkgutil.iter_modules(bench.__path__) if m.name != "common")
+    # Every module of the package is a benchmark but this one (__main__) and the shared helpers.
+    names = sorted(m.name.replace("_", "-") for m in pkgutil.iter_modules(bench.__path__)
+                   if not m.name.startswith("_") and m.name != "common")
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: python -m bench NAME [--json] [options]\nbenchmarks: " + ", ".join(names))
         return 0 if argv else 2

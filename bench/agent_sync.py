@@ -216,7 +216,7 @@ def main(argv: list[str]) -> int:
         out = subprocess.run([sys.executable, "-m", "bench", "agent-sync", "--worker", mode,
                               "--services", str(a.services), "--endpoints", str(a.endpoints),
                               "--changes", str(a.changes), "--nodes", str(a.nodes)],
-                             cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+                             capture_output=True, text=True,
                              env=dict(os.environ))
         if out.returncode != 0:
             print(out.stderr, file=sys.stderr)
