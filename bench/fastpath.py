@@ -184,13 +184,14 @@ def _print_table(doc: dict[str, Any]) -> None:
                                    ("limit_spliced_loopback_in_one_pod", "spliced")]
     print(f"  median of {doc['rounds']} rounds [min-max], {doc['seconds_per_test']} s per test; "
           f"latency is {doc['latency_is']}")
-    print(f"  {'':34}{'pod to pod':^44}  {'loopback in one pod (limit)':^44}")
-    print(f"  {'metric':34}" + "".join(f"{c[1]:>22}" for c in cols)
+    w = 25  # one cell: "median [min-max]"
+    print(f"  {'':34}{'pod to pod':^{2 * w}}{'loopback in one pod (the limit)':^{2 * w}}")
+    print(f"  {'metric':34}" + "".join(f"{c[1]:>{w}}" for c in cols)
           + f"{'spliced/plain':>15}{'plain/limit':>13}{'spliced/limit':>15}")
     for key in doc["baseline"]:
         fmt, unit = (_gbit, "Gbit/s") if key.startswith("throughput") else (_us, "us")
         label = key.replace("_seconds", "").replace("_bytes_per_second", "") + f" ({unit})"
-        cells = "".join(f"{f'{fmt(doc[c[0]][key])} [{fmt(rng[c[0]][key][0])}-{fmt(rng[c[0]][key][1])}]':>22}"
+        cells = "".join(f"{f'{fmt(doc[c[0]][key])} [{fmt(rng[c[0]][key][0])}-{fmt(rng[c[0]][key][1])}]':>{w}}"
                         for c in cols)
         lim = doc["ratio_to_limit"]
         print(f"  {label:34}{cells}{doc['ratio'][key]:15.3f}{lim['baseline_over_plain_loopback'][key]:13.3f}"
