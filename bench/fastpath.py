@@ -169,7 +169,7 @@ def main(argv: list[str]) -> int:
 
 
 def _us(seconds: float) -> str:
-    return f"{seconds * 1e6:.2f}"
+    return f"{seconds * 1e6:.2f}" if seconds < 1e-4 else f"{seconds * 1e6:.0f}"
 
 
 def _gbit(bytes_per_second: float) -> str:
