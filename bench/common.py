@@ -46,14 +46,20 @@ def median(values: list[float]) -> float:
 
 
 def median_ci95(values: list[float]) -> tuple[float, float]:
-    """95% confidence interval of the median, distribution-free: the order statistics n/2 -+ 1.96
-    sqrt(n)/2 (the binomial count of samples below the median, in its normal approximation)."""
+    """A confidence interval of at least 95% for the median, distribution-free: the k-th smallest and
+    k-th largest value, k the largest rank with P(Binomial(n, 1/2) < k) <= 2.5% (n >= 6; fewer
+    values give no such rank: then the whole range). Meant for a few dozen values (batch medians)."""
     if not values:
         return float("nan"), float("nan")
     s = sorted(values)
     n = len(s)
-    half = 1.96 * math.sqrt(n) / 2
-    return s[max(0, math.floor(n / 2 - half))], s[min(n - 1, math.ceil(n / 2 + half))]
+    k, below = 0, 0.0  # below = P(X < k + 1) once the loop adds P(X = k)
+    while k < n // 2:
+        below += math.comb(n, k) / 2**n
+        if below > 0.025:
+            break
+        k += 1
+    return s[max(0, k - 1)], s[min(n - 1, n - k)]
 
 
 def percentile(values: list[float], q: float) -> float:
