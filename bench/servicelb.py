@@ -17,7 +17,7 @@ EndpointSlice event, which runs the reconciler's map writes.
     remove it again): median of the samples;
 (b) connect() + first byte from the most recently added service (its KUBE-SERVICES rule is the
     last one) to two backend pods, over --conns connections per mode and size: p50 with a 95%
-    confidence interval (from the medians of the batches below), and p99.
+    confidence interval (both from the medians of the batches below), and p99.
 How (b) is kept honest on a small shared VM: the four clients (one per mode) and both backends are
 pinned to ONE CPU, so no cross-CPU wakeup (tens of microseconds here, and the noisiest term) enters
 a connection; the connections of a cell run in --batches batches, interleaved with the other
@@ -448,20 +448,21 @@ def sync_ebpf(maps: LbMaps, services: list[Svc]) -> tuple[ClusterState, dict[str
 
 
 def latency_stats(samples: list[float], batch_medians: list[float], errors: int) -> dict[str, float]:
-    """p50 and p99 of every connection; the spread of the p50 is a 95% confidence interval from the
-    batch medians, so it also holds what the machine's load did between batches, not just the
-    scatter of single connections (which would shrink with their number whatever the drift)."""
+    """The p50 is the median of the batch medians, with a 95% confidence interval from them: it holds
+    what the machine's load did between batches, not just the scatter of single connections (which
+    would shrink with their number whatever the drift). The p99 is over every connection."""
     lo, hi = median_ci95(batch_medians)
-    return {"connect_first_byte_p50_seconds": percentile(samples, 50),
+    return {"connect_first_byte_p50_seconds": median(batch_medians),
             "connect_first_byte_p50_ci95_low_seconds": lo, "connect_first_byte_p50_ci95_high_seconds": hi,
             "connect_first_byte_p99_seconds": percentile(samples, 99),
             "connections_measured": float(len(samples)), "failed_connections": float(errors)}
 
 
 def measure_latency(clients: dict[str, LatencyClient], vip: str, conns: int, batches: int,
-                    ) -> dict[str, dict[str, float]]:
+                    ) -> tuple[dict[str, dict[str, float]], dict[str, list[float]]]:
     """`conns` connections per mode to `vip`, in `batches` rounds; each round runs one batch of every
-    mode, the order rotating, so a burst of noise from elsewhere on the machine lands on all modes."""
+    mode, the order rotating, so a burst of noise from elsewhere on the machine lands on all modes.
+    Returns the statistics per mode and the batch medians per mode (index = round)."""
     samples: dict[str, list[float]] = {m: [] for m in clients}
     batch_medians: dict[str, list[float]] = {m: [] for m in clients}
     errors = dict.fromkeys(clients, 0)
@@ -478,7 +479,16 @@ def measure_latency(clients: dict[str, LatencyClient], vip: str, conns: int, bat
         if errors[mode] > len(samples[mode]) // 100 or not samples[mode]:
             raise RuntimeError(f"{mode}: {errors[mode]} of {per * batches} connections to {vip} failed")
         out[mode] = latency_stats(samples[mode], batch_medians[mode], errors[mode])
-    return out
+    return out, batch_medians
+
+
+def paired_ratio(candidate: list[float], baseline: list[float]) -> tuple[float, float, float]:
+    """Median of the per-round ratios candidate / baseline and its 95% CI. The two batches of a round
+    ran within a fraction of a second of each other, so load from elsewhere divides out of the ratio:
+    this is the interval that says whether the two modes differ."""
+    ratios = [c / b for c, b in zip(candidate, baseline, strict=True)]
+    lo, hi = median_ci95(ratios)
+    return median(ratios), lo, hi
 
 
 WARM_PER_BATCH = 10  # connections before each batch, not counted: the caches the other modes cooled
@@ -490,9 +500,9 @@ def main(argv: list[str]) -> int:
                     help="number of services (repeatable; default 1000 and 10000; 1 is always measured too)")
     ap.add_argument("--conns", type=int, default=10_000,
                     help="connections per latency cell, i.e. per mode and size (default 10000)")
-    ap.add_argument("--batches", type=int, default=20,
+    ap.add_argument("--batches", type=int, default=40,
                     help="the connections of a cell run in this many batches, interleaved with the other "
-                         "modes' (default 20)")
+                         "modes' (default 40)")
     ap.add_argument("--modes", default=",".join(MODES), help=f"kube-proxy modes to compare (default {','.join(MODES)})")
     ap.add_argument("--iptables-nft-max", type=int, default=1000, metavar="N",
                     help="largest size run on the iptables nft backend (its restores grow superlinearly: "
@@ -529,6 +539,8 @@ def main(argv: list[str]) -> int:
     cpu = placements()[0].server  # every process of the measurement on this one CPU: see the docstring
     baseline: dict[str, float] = {}
     candidate: dict[str, float] = {}
+    paired: dict[str, float] = {}  # median per-round ratio ebpf / mode
+    paired_ci: dict[str, list[float]] = {}
     t_start = time.monotonic()
     clients = [c for c in CLIENTS if c.mode in (*modes, "ebpf")]
     with Lab(6, attach=False) as lab:
@@ -575,9 +587,15 @@ def main(argv: list[str]) -> int:
                             measured[c.mode] = running[c.mode]
                     progress(f"{n} services: connect latency, {args.conns} connections per mode in "
                              f"{args.batches} interleaved batches ({', '.join(measured)})")
-                    for mode, lat in measure_latency(measured, services[-1].vip, args.conns, args.batches).items():
+                    stats, batch_medians = measure_latency(measured, services[-1].vip, args.conns, args.batches)
+                    for mode, lat in stats.items():
                         target = candidate if mode == "ebpf" else baseline
                         target.update({f"{mode.replace('-', '_')}_n{n}_{k}": v for k, v in lat.items()})
+                        if mode != "ebpf":
+                            med, lo, hi = paired_ratio(batch_medians["ebpf"], batch_medians[mode])
+                            name = f"ebpf_over_{mode.replace('-', '_')}_n{n}_connect_first_byte_p50_paired"
+                            paired[name] = med
+                            paired_ci[name] = [lo, hi]
                     for c in clients:  # empty again for the next size
                         if c.mode == "ebpf":
                             state.apply([Event(EventType.DELETED, x) for s in services for x in _records(s)])
@@ -598,6 +616,7 @@ def main(argv: list[str]) -> int:
             for k in ("change_seconds", "connect_first_byte_p50_seconds", "connect_first_byte_p99_seconds"):
                 if f"{b}_n{n}_{k}" in baseline:
                     ratio[f"ebpf_over_{b}_n{n}_{k}"] = candidate[f"ebpf_n{n}_{k}"] / baseline[f"{b}_n{n}_{k}"]
+    ratio.update(paired)
     for n in sizes:
         for q in ("p50", "p99"):
             ratio[f"ebpf_n{n}_over_n1_connect_first_byte_{q}"] = (candidate[f"ebpf_n{n}_connect_first_byte_{q}_seconds"]
@@ -607,17 +626,21 @@ def main(argv: list[str]) -> int:
         "endpoints_per_service": 2, "cpu": cpu, "wall_seconds": round(time.monotonic() - t_start, 1),
         "ratio_meaning": "candidate/baseline, as in every benchmark (0.002 = 500x faster); "
                          "ebpf_nN_over_n1: candidate at N services relative to 1 service",
-        "spread_meaning": "connect_first_byte_p50_ci95_low/high: a 95% confidence interval of the median, "
-                          "distribution-free, from the order statistics of the cell's batch medians"}
+        "spread_meaning": "connect_first_byte_p50: the median of the cell's batch medians; *_ci95_low/high: "
+                          "its 95% confidence interval, distribution-free, from the order statistics of the "
+                          "batch medians; "
+                          "*_paired: the median of the per-round ratios ebpf / mode (batches of one round "
+                          "run back to back), its 95% CI in paired_ratio_ci95",
+        "paired_ratio_ci95": paired_ci}
     if args.json:
         report("servicelb", baseline, candidate, ratio, True, extra)
         return 0
-    _print_table(sizes, modes, baseline, candidate, extra)
+    _print_table(sizes, modes, baseline, candidate, ratio, extra)
     return 0
 
 
 def _print_table(sizes: list[int], modes: list[str], base: dict[str, float], cand: dict[str, float],
-                 extra: dict[str, Any]) -> None:
+                 ratio: dict[str, float], extra: dict[str, Any]) -> None:
     print(machine_line("servicelb", machine()))
     cols = [*modes, "ebpf"]
 
@@ -637,15 +660,22 @@ def _print_table(sizes: list[int], modes: list[str], base: dict[str, float], can
         cells = [f"{us(v)} [{us(get(c, n, 'connect_first_byte_p50_ci95_low_seconds'))}-"
                  f"{us(get(c, n, 'connect_first_byte_p50_ci95_high_seconds'))}]" if v is not None else "-"
                  for c, v in zip(cols, vals, strict=True)]
+        p50s = {c: v for c, v in zip(modes, vals, strict=False) if v is not None}  # kube-proxy modes measured
+        best = min(p50s, key=p50s.__getitem__) if p50s else ""
+        name = f"ebpf_over_{best.replace('-', '_')}_n{n}_connect_first_byte_p50_paired"
+        ci = extra["paired_ratio_ci95"].get(name, [0.0, 0.0])
+        shown = f"{ratio[name]:10.4f} [{ci[0]:.3f}-{ci[1]:.3f}] vs {best}" if name in ratio else ""
         print(f"  {n:>8}  {'connect+1st byte p50 (us) [CI]':<30}" + "".join(f"{x:>22}" for x in cells)
-              + f"   {_ratio(vals)}")
+              + f"   {shown}")
         vals = [get(c, n, "connect_first_byte_p99_seconds") for c in cols]
         print(f"  {n:>8}  {'connect+1st byte p99 (us)':<30}" + "".join(f"{us(v):>22}" for v in vals)
               + f"   {_ratio(vals)}")
         ops = cand.get(f"ebpf_n{n}_change_map_operations", float("nan"))
         print(f"  {n:>8}  {'ebpf map operations per change':<30}{'':>{22 * len(modes)}}{ops:22.0f}")
     print(f"  {extra['conns_per_cell']} connections per latency cell in {extra['batches']} batches interleaved "
-          f"across modes; [CI]: 95% confidence interval of the p50 from the batch medians")
+          f"across modes; [CI]: 95% confidence interval of the p50 from the batch medians;")
+    print("  the p50 ratio is the median of per-round ratios (ebpf batch / kube-proxy batch of the same round) "
+          "with its 95% CI")
     print(f"  every client and backend on CPU {extra['cpu']}; wall time {extra['wall_seconds']} s")
 
 
