@@ -23,16 +23,18 @@ from typing import Any
 from prometheus_client import REGISTRY, generate_latest
 
 from accel.agent_certs import CertsReconciler
-from accel.agent_xds import DEFAULT_PORT_BASE, L7Target, XdsBridge
+from accel.agent_xds import DEFAULT_PORT_BASE, Announcement, XdsBridge
+from accel.mesh import IpcacheReconciler, LocalPodsReconciler, MeshTables
 from accel.metrics import Metrics
-from accel.podns import pod_netns_cookie
+from accel.podns import PodNetnsCache
 from accel.reconcile import LocalEndpointsReconciler
 from accel.servicelb import LbTables, ServiceLBReconciler
 from accel.sources.base import Source
 from accel.state.identity import DEFAULT_TRUST_DOMAIN
-from accel.state.model import Event, Kind, MtlsMode
+from accel.state.model import ChangeSet, Event, Kind, MtlsMode, Pod
 from accel.state.store import ClusterState
 from certs.manager import CertManager
+from sockops_bpf.layout import IDENTITY_HOST
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +43,6 @@ IDLE_RETRY_SECONDS = 1.0
 _SYNCED = object()
 
 
-@dataclass(frozen=True, slots=True)
-class L7Targets:
-    """Queued by the xDS bridge: where Envoy listens for each L7 service port (see XdsBridge)."""
-
-    targets: dict[L7Target, tuple[str, int]]
 # Problems that are failures of the path to the cluster, not bad input.
 TRANSIENT = frozenset({"watch_failed", "watch_garbled", "apiserver_unreachable", "manifest_folder_unreadable", "watch_unknown_event"})
 
@@ -61,6 +58,11 @@ class AgentConfig:
     l7_bind: str = "127.0.0.1"  # where this node's Envoy listens for L7 services and inbound mTLS
     l7_port_base: int = DEFAULT_PORT_BASE
     service_cidrs: tuple[str, ...] = ()  # the cluster's service ranges: a VIP there with no service is refused
+    # This node's own addresses toward its pods (the node Envoy's upstream connections, kubelet probes):
+    # HOST in ipcache, and spliced with local pods like loopback.
+    node_addresses: tuple[str, ...] = ()
+    splice_loopback: bool = False  # loopback in local_endpoints: app <-> node Envoy legs are spliced
+    envoy_access_log: str | None = None  # the node Envoy logs each tunnel here (JSON lines)
 
 
 class _QueueSink:
@@ -85,22 +87,37 @@ class _QueueSink:
 class Agent:
     def __init__(self, config: AgentConfig, source: Source, local_endpoints: MutableMapping[str, int], *,
                  reconciler: type[LocalEndpointsReconciler] = LocalEndpointsReconciler,
-                 cert_manager: CertManager | None = None, lb_tables: LbTables | None = None) -> None:
+                 cert_manager: CertManager | None = None, lb_tables: LbTables | None = None,
+                 mesh_tables: MeshTables | None = None) -> None:
         self.config = config
         self.source = source
         self.metrics = Metrics()
         self.state = ClusterState(trust_domain=config.trust_domain, default_mtls=config.default_mtls,
                                   state_dir=config.state_dir, on_problem=self.report_problem)
-        self.reconciler = reconciler(config.node, local_endpoints, self.metrics)
+        fixed = dict.fromkeys(config.node_addresses, IDENTITY_HOST)
+        if config.splice_loopback:
+            fixed.update({"127.0.0.1": 0, "::1": 0})
+        self.reconciler = reconciler(config.node, local_endpoints, self.metrics, fixed)
         self.reconciler.state = self.state
         self.state.subscribe(self.reconciler.on_change)
+        self.netns = PodNetnsCache()
+        # The mesh (ipcache, local_pods): who is where and enrolled, for capture, strict inbound and policy.
+        self.ipcache: IpcacheReconciler | None = None
+        self.local_pods: LocalPodsReconciler | None = None
+        if mesh_tables is not None:
+            self.ipcache = IpcacheReconciler(config.node, mesh_tables.ipcache, self.metrics, config.node_addresses)
+            self.ipcache.state = self.state
+            self.state.subscribe(self.ipcache.on_change)
+            self.local_pods = LocalPodsReconciler(config.node, mesh_tables.local_pods, self.netns, self.metrics)
+            self.local_pods.state = self.state
+            self.state.subscribe(self.local_pods.on_change)
         # Service load balancing (sock_lb.c): adopt what the maps hold (an agent restart keeps service
         # traffic flowing), then follow the model's Services and EndpointSlices.
         self.servicelb: ServiceLBReconciler | None = None
         if lb_tables is not None:
             self.servicelb = ServiceLBReconciler(config.node, lb_tables, self.metrics,
                                                  service_cidrs=config.service_cidrs,
-                                                 netns_cookie_of=pod_netns_cookie)
+                                                 netns_cookie_of=self._netns_cookie)
             self.servicelb.state = self.state
             self.servicelb.adopt()
             self.state.subscribe(self.servicelb.on_change)
@@ -110,12 +127,14 @@ class Agent:
             self.state.subscribe(self.certs.on_change)
         self.xds: XdsBridge | None = None
         if config.xds_listen is not None:
-            on_targets = None
-            if self.servicelb is not None:  # L7 services' ClusterIPs lead to Envoy (applied in the apply loop)
-                def on_targets(t: dict[L7Target, tuple[str, int]]) -> None:
-                    self._queue.put((L7Targets(t), time.monotonic()))
+            def on_announce(a: Announcement) -> None:  # applied to the maps in the apply loop, in order
+                self._queue.put((a, time.monotonic()))
+
             self.xds = XdsBridge(config.node, self.state, self.certs, config.l7_bind, config.l7_port_base,
-                                 self.report_problem, on_targets)
+                                 self.report_problem, on_announce, self.netns, config.trust_domain,
+                                 config.envoy_access_log)
+            if self.local_pods is not None:
+                self.state.subscribe(self._seed_announcement)
             self.state.subscribe(self.xds.on_change)
         self._queue: queue.SimpleQueue[tuple[object, float]] = queue.SimpleQueue()
         self._stop = threading.Event()
@@ -226,16 +245,32 @@ class Agent:
                 log.exception("event=apply_failed batch=%d", len(batch))
                 self.metrics.errors.labels("apply", "exception").inc()
 
+    def _seed_announcement(self, cs: ChangeSet) -> None:
+        """At the first sync, after local_pods adopted the map: the pods captured before we started."""
+        if cs.synced and self.xds is not None and self.local_pods is not None:
+            self.xds.adopt(Announcement(capture=self.local_pods.capture_ready))
+
+    def _netns_cookie(self, pod: Pod) -> int | None:
+        ns = self.netns.get(pod)
+        return ns.cookie if ns is not None else None
+
     def _idle_work(self) -> None:
-        """Retries that no event would trigger, done in the apply thread (which owns the reconcilers)."""
+        """Retries that no event would trigger, done in the apply thread (which owns the reconcilers):
+        pods whose network namespace was not found yet (no process in their cgroup before)."""
         now = time.monotonic()
-        if self.servicelb is not None and now - self._last_idle_retry >= IDLE_RETRY_SECONDS:
-            self._last_idle_retry = now
-            try:
+        if now - self._last_idle_retry < IDLE_RETRY_SECONDS:
+            return
+        self._last_idle_retry = now
+        try:
+            if self.servicelb is not None:
                 self.servicelb.retry_skips()
-            except Exception:  # logged and counted; the next idle round tries again
-                log.exception("event=idle_retry_failed component=servicelb")
-                self.metrics.errors.labels("servicelb", "retry").inc()
+            if self.local_pods is not None:
+                missing = len(self.local_pods.unresolved)
+                if self.local_pods.retry() < missing and self.xds is not None:
+                    self.xds.poke()  # a namespace found: the bridge can add that pod's listeners now
+        except Exception:  # logged and counted; the next idle round tries again
+            log.exception("event=idle_retry_failed")
+            self.metrics.errors.labels("agent", "idle_retry").inc()
 
     def _apply_batch(self, batch: list[tuple[object, float]]) -> None:
         t0 = time.perf_counter()
@@ -251,12 +286,14 @@ class Agent:
                     self.metrics.ready.set(1)
                     log.info("event=ready node=%s seconds=%.3f objects=%s", self.config.node, self.ready_seconds,
                              json.dumps({str(k): v for k, v in self.state.counts().items()}))
-            elif isinstance(item, L7Targets):
-                if events:  # in order: the model first, then the redirect
+            elif isinstance(item, Announcement):
+                if events:  # in order: the model first, then what Envoy is ready for
                     self.state.apply(events)
                     events = []
                 if self.servicelb is not None:
-                    self.servicelb.set_l7_targets(item.targets)
+                    self.servicelb.set_l7_targets(dict(item.l7_targets))
+                if self.local_pods is not None:
+                    self.local_pods.set_capture_ready(item.capture)
             elif isinstance(item, Event):
                 events.append(item)
                 ck = (item.record.kind, item.type)
@@ -286,6 +323,10 @@ class Agent:
             "lag_seconds": self.lag_seconds,
             "objects": {str(k): counts[k] for k in Kind},
             "local_endpoints": len(self.reconciler.desired()),
+            "ipcache": len(self.ipcache.desired()) if self.ipcache is not None else None,
+            "local_pods": len(self.local_pods.written()) if self.local_pods is not None else None,
+            "capture_ready": sorted(f"{k.namespace}/{k.name}" for k in self.local_pods.capture_ready)
+            if self.local_pods is not None else None,
             "service_frontends": self.servicelb.frontend_count() if self.servicelb is not None else None,
             "healthy": self.healthy(),
             "certs": self.certs.status() if self.certs is not None else None,

@@ -152,3 +152,65 @@ MAPS.update({
     "lb_counters": (ct.c_int, ct.c_uint64),
     "lb_service_cidrs": (LbCidrKey, ct.c_uint32),
 })
+
+
+# ---- The mesh (maps.h "The mesh": ipcache, local_pods, orig_dst, capture) -------------------------
+MESH_MAX_IPCACHE = 262144
+MESH_MAX_LOCAL_PODS = 16384
+MESH_MAX_ORIG_DST = 65536
+MESH_CAPTURE_PORT = 15001
+MESH_HBONE_PORT = 15008
+IPC_F_LOCAL = 1
+IPC_F_MTLS = 2
+IPC_F_STRICT = 4
+IPC_F_HOST = 8
+IDENTITY_UNKNOWN = 0
+IDENTITY_HOST = 1
+IDENTITY_WORLD = 2
+IDENTITY_REMOTE_NODE = 3
+POD_F_CAPTURE = 1
+MESH_CNT_MAX = 8
+
+
+class IpcacheKey(ct.Structure):
+    """An LPM trie key: IPv4 stored IPv4-mapped, so an IPv4 prefix length is 96 + the v4 one."""
+
+    _fields_ = [("prefixlen", ct.c_uint32), ("ip", IpAddr)]
+
+
+class IpcacheEntry(ct.Structure):
+    _fields_ = [("identity", ct.c_uint32), ("flags", ct.c_uint32)]
+
+
+class LocalPodKey(ct.Structure):
+    _fields_ = [("netns_cookie", ct.c_uint64)]
+
+
+class LocalPod(ct.Structure):
+    _fields_ = [("identity", ct.c_uint32), ("flags", ct.c_uint32)]
+
+
+class OrigDstKey(ct.Structure):
+    _fields_ = [("netns_cookie", ct.c_uint64), ("ip", IpAddr), ("port", ct.c_uint16), ("pad", ct.c_uint16),
+                ("pad2", ct.c_uint32)]
+
+
+class MeshCounter(IntEnum):
+    CAPTURED = 0
+    ORIG_DST_FILED = 1
+    ORIG_DST_ANSWERED = 2
+    ORIG_DST_MISSED = 3
+    STRICT_DROPPED = 4
+
+
+MESH_STRUCTS: dict[str, type[ct.Structure]] = {
+    "ipcache_key": IpcacheKey, "ipcache_entry": IpcacheEntry, "local_pod_key": LocalPodKey, "local_pod": LocalPod,
+    "orig_dst_key": OrigDstKey,
+}
+MAPS.update({
+    "ipcache": (IpcacheKey, IpcacheEntry),
+    "local_pods": (LocalPodKey, LocalPod),
+    "orig_dst": (OrigDstKey, LbAddr),
+    "mesh_counters": (ct.c_int, ct.c_uint64),
+    "capture_dst": (ct.c_int, LbAddr),
+})

@@ -248,4 +248,108 @@ static __always_inline void lb_count(int which)
 #endif /* MESHACCEL_LAYOUT_ONLY */
 /* ---- end of service load balancing ---- */
 
+
+/* ---- The mesh: who is where, who is enrolled, and what was captured (sock_lb.c, sockops.c,
+ * getsockopt.c, ingress.c) ---------------------------------------------------------------------
+ * ipcache: every address the agent knows, cluster-wide, as an LPM trie (IPv4 mapped, prefixlen + 96):
+ * pod addresses (/128 each, with the pod's identity and mesh flags), this node's own addresses (HOST).
+ * local_pods: the pods of this node by network-namespace cookie: a socket's netns tells the kernel,
+ * unforgeably, which pod opened it (connect() has no source address yet).
+ * Capture (DESIGN.md "Capture without iptables"): connect() of an enrolled pod to an enrolled pod on
+ * another node goes to the node Envoy's capture listener on the pod's own loopback; the original
+ * destination rides in the socket's local storage (capture_dst) until sockops sees the connection
+ * established and files it under (netns, client address, client port) in orig_dst, where the
+ * getsockopt program answers Envoy's SO_ORIGINAL_DST for the accepted end. */
+#define MESH_MAX_IPCACHE 262144  /* addresses: every pod of the cluster, nodes, policy CIDRs */
+#define MESH_MAX_LOCAL_PODS 16384
+#define MESH_MAX_ORIG_DST 65536  /* captured connections whose Envoy end may still ask */
+#define MESH_CAPTURE_PORT 15001  /* the capture listener, on 127.0.0.1 and ::1 inside each enrolled pod */
+#define MESH_HBONE_PORT 15008    /* the HBONE inbound listener, on each enrolled pod's own address */
+
+struct ipcache_key {
+    __u32 prefixlen;
+    struct ip_addr ip;
+};
+
+struct ipcache_entry {
+    __u32 identity; /* security identity (0 unknown; see IDENTITY_*) */
+    __u32 flags;    /* IPC_F_* */
+};
+#define IPC_F_LOCAL 1  /* a pod on this node */
+#define IPC_F_MTLS 2   /* an enrolled pod (strict or permissive): connections to it from enrolled pods go by HBONE */
+#define IPC_F_STRICT 4 /* accepts only mTLS from other nodes: plaintext SYNs from outside the node are dropped */
+#define IPC_F_HOST 8   /* an address of this node itself (the node Envoy's upstream connections come from it) */
+
+/* Reserved identities; pods and policy CIDRs get theirs from the agent. */
+#define IDENTITY_UNKNOWN 0
+#define IDENTITY_HOST 1
+#define IDENTITY_WORLD 2
+#define IDENTITY_REMOTE_NODE 3
+
+struct local_pod_key {
+    __u64 netns_cookie;
+};
+
+struct local_pod {
+    __u32 identity;
+    __u32 flags; /* POD_F_* */
+};
+#define POD_F_CAPTURE 1 /* enrolled, and this node's Envoy has its capture listener: send to other nodes by HBONE */
+
+/* The Envoy end of a captured connection finds the original destination by its peer: the app's socket. */
+struct orig_dst_key {
+    __u64 netns_cookie;
+    struct ip_addr ip; /* the app's address (loopback) and port, as the accepted socket sees its peer */
+    __u16 port;
+    __u16 pad;
+    __u32 pad2;
+};
+
+enum mesh_counter {
+    MESH_CNT_CAPTURED = 0,       /* connect() sent to the capture listener */
+    MESH_CNT_ORIG_DST_FILED = 1, /* established captured connections filed in orig_dst */
+    MESH_CNT_ORIG_DST_ANSWERED = 2,
+    MESH_CNT_ORIG_DST_MISSED = 3, /* SO_ORIGINAL_DST asked for a socket we did not capture */
+    MESH_CNT_STRICT_DROPPED = 4,  /* plaintext SYNs from outside the node to a strict pod */
+    MESH_CNT_MAX = 8,
+};
+
+#ifndef MESHACCEL_LAYOUT_ONLY
+BPF_TABLE_PINNED7("lpm_trie", struct ipcache_key, struct ipcache_entry, ipcache, MESH_MAX_IPCACHE,
+                  PIN_DIR "/ipcache", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED7("hash", struct local_pod_key, struct local_pod, local_pods, MESH_MAX_LOCAL_PODS,
+                  PIN_DIR "/local_pods", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lru_hash", struct orig_dst_key, struct lb_addr, orig_dst, MESH_MAX_ORIG_DST, PIN_DIR "/orig_dst");
+BPF_TABLE_PINNED("percpu_array", int, __u64, mesh_counters, MESH_CNT_MAX, PIN_DIR "/mesh_counters");
+
+/* The original destination of a captured socket, from connect() to sockops (bcc's BPF_SK_STORAGE, pinned). */
+struct capture_dst_table_t {
+    int key;
+    struct lb_addr leaf;
+    void *(*sk_storage_get)(void *, void *, int);
+    int (*sk_storage_delete)(void *);
+    u32 flags;
+};
+__attribute__((section("maps/sk_storage:" PIN_DIR "/capture_dst")))
+struct capture_dst_table_t capture_dst = {.flags = BPF_F_NO_PREALLOC};
+BPF_ANNOTATE_KV_PAIR(capture_dst, int, struct lb_addr);
+
+static __always_inline void mesh_count(int which)
+{
+    __u64 *v = mesh_counters.lookup(&which);
+    if (v)
+        *v += 1;
+}
+
+/* The ipcache entry of an address (exact /128 lookup: the trie answers with the longest prefix). */
+static __always_inline struct ipcache_entry *ipcache_of(struct ip_addr *ip)
+{
+    struct ipcache_key k = {};
+    k.prefixlen = 128;
+    __builtin_memcpy(&k.ip, ip, sizeof(k.ip));
+    return ipcache.lookup(&k);
+}
+#endif /* MESHACCEL_LAYOUT_ONLY */
+/* ---- end of the mesh ---- */
+
 #endif

@@ -135,7 +135,40 @@ static __always_inline __u16 lb_port(struct bpf_sock_addr *ctx)
     return bpf_ntohs((__u16)CTX_U32(ctx->user_port));
 }
 
-/* Forward translation for an IPv4 destination; 1 = let the call proceed, 0 = refuse it. */
+/* Capture (maps.h "The mesh"): does this TCP connection go to the pod's capture listener? Only an
+ * enrolled pod whose capture listener is up (POD_F_CAPTURE), only to an enrolled pod on another node:
+ * same-node traffic keeps the kernel fast path, and a peer outside the mesh gets plaintext. */
+static __always_inline int mesh_wants_capture(struct bpf_sock_addr *ctx, __u32 proto, struct ip_addr *dst)
+{
+    if (proto != IPPROTO_TCP)
+        return 0;
+    struct local_pod_key pk = {};
+    pk.netns_cookie = bpf_get_netns_cookie(ctx);
+    struct local_pod *src = local_pods.lookup(&pk);
+    if (!src || !(src->flags & POD_F_CAPTURE))
+        return 0;
+    struct ipcache_entry *peer = ipcache_of(dst);
+    return peer && (peer->flags & IPC_F_MTLS) && !(peer->flags & IPC_F_LOCAL);
+}
+
+/* Keep the destination for sockops (-> orig_dst -> SO_ORIGINAL_DST); false if the socket has no storage. */
+static __always_inline int mesh_keep_capture_dst(struct bpf_sock_addr *ctx, struct lb_addr *dst)
+{
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk)
+        return 0;
+    struct lb_addr *kept = capture_dst.sk_storage_get(sk, dst, BPF_SK_STORAGE_GET_F_CREATE);
+    if (!kept)
+        return 0;
+    __builtin_memcpy(kept, dst, sizeof(*kept));
+    mesh_count(MESH_CNT_CAPTURED);
+    return 1;
+}
+
+/* Forward translation for an IPv4 destination; 1 = let the call proceed, 0 = refuse it.
+ * The destination is decided in this order: the service LB picks a backend (or refuses), then an
+ * enrolled connection to another node is captured: sent to 127.0.0.1:15001 in the pod's own netns,
+ * while getpeername() keeps showing what the application asked for. */
 static __always_inline int lb_forward4(struct bpf_sock_addr *ctx, __u32 proto)
 {
     struct lb_svc_key key = {};
@@ -144,12 +177,27 @@ static __always_inline int lb_forward4(struct bpf_sock_addr *ctx, __u32 proto)
     key.proto = (__u8)proto;
     struct lb_addr be = {};
     int r = lb_pick(ctx, &key, &be);
-    if (r == LB_PASS)
-        return 1;
     if (r == LB_REFUSE) {
         bpf_set_retval(-ECONNREFUSED);
         return 0;
     }
+    if (r == LB_PASS) {
+        __builtin_memcpy(&be.ip, &key.vip, sizeof(be.ip));
+        be.port = key.port;
+    }
+    if (mesh_wants_capture(ctx, proto, &be.ip) && mesh_keep_capture_dst(ctx, &be)) {
+        struct lb_addr cap = {};
+        ip_from_v4(&cap.ip, bpf_htonl(0x7f000001)); /* 127.0.0.1 */
+        cap.port = MESH_CAPTURE_PORT;
+        ctx->user_ip4 = bpf_htonl(0x7f000001);
+        ctx->user_port = (__u32)bpf_htons(MESH_CAPTURE_PORT);
+        lb_remember(ctx, &cap, &key);
+        if (r == LB_TRANSLATED)
+            lb_count(LB_CNT_TRANSLATED);
+        return 1;
+    }
+    if (r == LB_PASS)
+        return 1;
     __u32 ip4;
     __builtin_memcpy(&ip4, &be.ip.addr[12], 4);
     ctx->user_ip4 = ip4;
@@ -157,6 +205,16 @@ static __always_inline int lb_forward4(struct bpf_sock_addr *ctx, __u32 proto)
     lb_remember(ctx, &be, &key);
     lb_count(LB_CNT_TRANSLATED);
     return 1;
+}
+
+static __always_inline void ctx_set_ip6(struct bpf_sock_addr *ctx, struct ip_addr *ip)
+{
+    __u32 w[4];
+    __builtin_memcpy(w, ip->addr, 16);
+    ctx->user_ip6[0] = w[0];
+    ctx->user_ip6[1] = w[1];
+    ctx->user_ip6[2] = w[2];
+    ctx->user_ip6[3] = w[3];
 }
 
 static __always_inline int lb_forward6(struct bpf_sock_addr *ctx, __u32 proto)
@@ -168,18 +226,28 @@ static __always_inline int lb_forward6(struct bpf_sock_addr *ctx, __u32 proto)
     key.proto = (__u8)proto;
     struct lb_addr be = {};
     int r = lb_pick(ctx, &key, &be);
-    if (r == LB_PASS)
-        return 1;
     if (r == LB_REFUSE) {
         bpf_set_retval(-ECONNREFUSED);
         return 0;
     }
-    __u32 w[4];
-    __builtin_memcpy(w, be.ip.addr, 16);
-    ctx->user_ip6[0] = w[0];
-    ctx->user_ip6[1] = w[1];
-    ctx->user_ip6[2] = w[2];
-    ctx->user_ip6[3] = w[3];
+    if (r == LB_PASS) {
+        __builtin_memcpy(&be.ip, &key.vip, sizeof(be.ip));
+        be.port = key.port;
+    }
+    if (mesh_wants_capture(ctx, proto, &be.ip) && mesh_keep_capture_dst(ctx, &be)) {
+        struct lb_addr cap = {};
+        cap.ip.addr[15] = 1; /* ::1 */
+        cap.port = MESH_CAPTURE_PORT;
+        ctx_set_ip6(ctx, &cap.ip);
+        ctx->user_port = (__u32)bpf_htons(MESH_CAPTURE_PORT);
+        lb_remember(ctx, &cap, &key);
+        if (r == LB_TRANSLATED)
+            lb_count(LB_CNT_TRANSLATED);
+        return 1;
+    }
+    if (r == LB_PASS)
+        return 1;
+    ctx_set_ip6(ctx, &be.ip);
     ctx->user_port = (__u32)bpf_htons(be.port);
     lb_remember(ctx, &be, &key);
     lb_count(LB_CNT_TRANSLATED);
@@ -210,12 +278,7 @@ static __always_inline void lb_reverse6(struct bpf_sock_addr *ctx)
     struct lb_addr *front = lb_lookup_reverse(ctx, &rk);
     if (!front)
         return;
-    __u32 w[4];
-    __builtin_memcpy(w, front->ip.addr, 16);
-    ctx->user_ip6[0] = w[0];
-    ctx->user_ip6[1] = w[1];
-    ctx->user_ip6[2] = w[2];
-    ctx->user_ip6[3] = w[3];
+    ctx_set_ip6(ctx, &front->ip);
     ctx->user_port = (__u32)bpf_htons(front->port);
 }
 

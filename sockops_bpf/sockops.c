@@ -24,6 +24,27 @@ static __always_inline int key_from_sockops(struct bpf_sock_ops *skops, struct s
     return 0;
 }
 
+/* A captured connection (sock_lb.c) is established: file its original destination under the client's
+ * own address, which is what the accepted end (Envoy's) sees as its peer and asks SO_ORIGINAL_DST for.
+ * Filed before the client's ACK goes out, so before Envoy can accept. */
+static __always_inline void file_capture(struct bpf_sock_ops *skops, struct sock_key *key)
+{
+    struct bpf_sock *sk = skops->sk;
+    if (!sk)
+        return;
+    struct lb_addr *dst = capture_dst.sk_storage_get(sk, 0, 0);
+    if (!dst)
+        return;
+    struct orig_dst_key ok = {};
+    ok.netns_cookie = bpf_get_netns_cookie(skops);
+    __builtin_memcpy(&ok.ip, &key->src_ip, sizeof(ok.ip));
+    ok.port = key->src_port;
+    struct lb_addr d = {};
+    __builtin_memcpy(&d, dst, sizeof(d));
+    orig_dst.update(&ok, &d);
+    mesh_count(MESH_CNT_ORIG_DST_FILED);
+}
+
 int mesh_sockops(struct bpf_sock_ops *skops)
 {
     if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && skops->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
@@ -32,6 +53,8 @@ int mesh_sockops(struct bpf_sock_ops *skops)
     struct sock_key key;
     if (key_from_sockops(skops, &key) < 0)
         return 1;
+    if (skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+        file_capture(skops, &key);
 
     /* Both ends must be endpoints on this node; anything else keeps the normal path. */
     struct endpoint_info *src = local_endpoints.lookup(&key.src_ip);

@@ -14,10 +14,20 @@ from sockops_bpf.loader import SRC_DIR
 
 pytestmark = pytest.mark.unit
 
-STRUCTS = {"ip_addr": layout.IpAddr, "endpoint_info": layout.EndpointInfo, "sock_key": layout.SockKey}
-CONSTANTS = {"MAX_ENDPOINTS": layout.MAX_ENDPOINTS, "MAX_SOCKETS": layout.MAX_SOCKETS, "CNT_MAX": layout.CNT_MAX,
-             "EP_F_LOOPBACK": layout.EP_F_LOOPBACK,
-             **{f"CNT_{c.name}": int(c) for c in layout.Counter}}
+STRUCTS = {"ip_addr": layout.IpAddr, "endpoint_info": layout.EndpointInfo, "sock_key": layout.SockKey,
+           **layout.LB_STRUCTS, **layout.MESH_STRUCTS}
+CONSTANTS = {
+    **{k: getattr(layout, k) for k in (
+        "MAX_ENDPOINTS", "MAX_SOCKETS", "CNT_MAX", "EP_F_LOOPBACK",
+        "LB_MAX_SERVICES", "LB_MAX_SLOTS", "LB_MAX_BACKENDS", "LB_MAX_REVERSE", "LB_MAX_AFFINITY", "LB_MAX_SKIP",
+        "LB_F_AFFINITY", "LB_SKIP_EXCLUDED", "LB_SKIP_ISTIO", "LB_CNT_MAX", "LB_MAX_CIDRS",
+        "MESH_MAX_IPCACHE", "MESH_MAX_LOCAL_PODS", "MESH_MAX_ORIG_DST", "MESH_CAPTURE_PORT", "MESH_HBONE_PORT",
+        "IPC_F_LOCAL", "IPC_F_MTLS", "IPC_F_STRICT", "IPC_F_HOST", "IDENTITY_UNKNOWN", "IDENTITY_HOST",
+        "IDENTITY_WORLD", "IDENTITY_REMOTE_NODE", "POD_F_CAPTURE", "MESH_CNT_MAX")},
+    **{f"CNT_{c.name}": int(c) for c in layout.Counter},
+    **{f"LB_CNT_{c.name}": int(c) for c in layout.LbCounter},
+    **{f"MESH_CNT_{c.name}": int(c) for c in layout.MeshCounter},
+}
 
 
 def c_layout(tmp_path: Path) -> dict[str, int]:

@@ -55,7 +55,7 @@ def setup(table: MutableMapping[str, int]) -> tuple[ClusterState, LocalEndpoints
     return st, rec
 
 
-def test_only_local_eligible_pods_and_only_differences() -> None:
+def test_only_pods_served_on_this_node_and_only_differences() -> None:
     table = RecordingMap()
     st, rec = setup(table)
     st.apply([pod("a", "10.0.0.1"), pod("b", "10.0.0.2", node="n2"), pod("h", "192.168.0.5", host_network=True),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sys
 from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,11 @@ def register(sub: Any) -> None:
                         "that is no service fails at once with ECONNREFUSED")
     p.add_argument("--default-mtls", choices=[m.value for m in MtlsMode], default="disable",
                    help="mTLS mode for pods with no meshaccel.io/mtls annotation on pod or namespace")
+    p.add_argument("--node-address", action="append", default=[], metavar="IP",
+                   help="an address this node's host-network processes reach its pods from (the node Envoy's "
+                        "connections to pods); repeat for IPv6. Known to the kernel as this node (HOST)")
+    p.add_argument("--no-splice-loopback", dest="splice_loopback", action="store_false",
+                   help="do not splice loopback connections (the legs between apps and the node Envoy)")
     c = p.add_argument_group("certificates (off unless a CA is given)")
     c.add_argument("--ca-address", metavar="HOST:PORT", help="the CSR API (`accel ca serve`) to get workload SVIDs from")
     c.add_argument("--node-credential", type=Path, metavar="DIR",
@@ -55,6 +61,8 @@ def register(sub: Any) -> None:
     x.add_argument("--xds-listen", metavar="HOST:PORT|unix:PATH", help="serve ADS to this node's Envoy here")
     x.add_argument("--l7-bind", default="127.0.0.1", metavar="IP",
                    help="address Envoy's L7 and inbound mTLS listeners bind to (the node's address in the lab)")
+    x.add_argument("--envoy-access-log", metavar="FILE",
+                   help="the node Envoy writes one JSON line per tunnel here (peer SPIFFE IDs, bytes, status)")
     x.add_argument("--l7-port-base", type=int, default=DEFAULT_PORT_BASE, metavar="PORT",
                    help="listener ports are assigned from here up, one per L7 service port / inbound pod port")
     p.set_defaults(func=run)
@@ -82,11 +90,11 @@ def make_source(spec: str, kubeconfig: str | None) -> Source:
     raise UserError(f"--source {spec!r} is not 'kube' or 'manifests:DIR'")
 
 
-def open_maps(kind: str, instance: str, cgroup: Path | None) -> tuple[MutableMapping[str, int], Any, Any]:
-    """The local endpoint map, the service LB maps (None in memory mode) and the objects that own
-    them (closed on exit)."""
+def open_maps(kind: str, instance: str, cgroup: Path | None) -> tuple[MutableMapping[str, int], Any, Any, Any]:
+    """The local endpoint map, the service LB maps and the mesh maps (None in memory mode), and the
+    objects that own them (closed on exit)."""
     if kind == "memory":
-        return {}, None, []
+        return {}, None, None, []
     from sockops_bpf import loader, maps
 
     if kind == "bpf":
@@ -94,7 +102,8 @@ def open_maps(kind: str, instance: str, cgroup: Path | None) -> tuple[MutableMap
     pdir = loader.pin_dir(instance)
     pinned = maps.open_pinned(pdir)
     lb = maps.open_lb(pdir)
-    return pinned.local_endpoints, lb, [pinned, lb]
+    mesh = maps.open_mesh(pdir)
+    return pinned.local_endpoints, lb, mesh, [pinned, lb, mesh]
 
 
 def load_in_child(instance: str, cgroup: Path | None) -> None:
@@ -124,6 +133,18 @@ def parse_xds_listen(text: str | None) -> str | None:
     except UserError:
         raise UserError(f"--xds-listen {text!r} is not HOST:PORT or unix:PATH (e.g. 127.0.0.1:15010)") from None
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def check_addresses(texts: list[str]) -> tuple[str, ...]:
+    import ipaddress
+
+    out = []
+    for t in texts:
+        try:
+            out.append(str(ipaddress.ip_address(t)))
+        except ValueError:
+            raise UserError(f"--node-address {t!r} is not an IP address") from None
+    return tuple(out)
 
 
 def check_l7(args: argparse.Namespace) -> None:
@@ -159,12 +180,15 @@ def run(args: argparse.Namespace) -> int:
         args.state_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--state-dir {args.state_dir}: cannot create it ({e.strerror})") from e
-    table, lb, owners = open_maps(args.maps, args.instance or args.node, args.cgroup)
+    node_addresses = check_addresses(args.node_address)
+    table, lb, mesh, owners = open_maps(args.maps, args.instance or args.node, args.cgroup)
     cfg = AgentConfig(node=args.node, state_dir=args.state_dir, listen=listen, trust_domain=args.trust_domain,
                       default_mtls=MtlsMode(args.default_mtls), xds_listen=xds_listen, l7_bind=args.l7_bind,
-                      l7_port_base=args.l7_port_base, service_cidrs=tuple(args.service_cidr))
+                      l7_port_base=args.l7_port_base, service_cidrs=tuple(args.service_cidr),
+                      node_addresses=node_addresses, splice_loopback=args.splice_loopback and args.maps != "memory",
+                      envoy_access_log=args.envoy_access_log)
     try:
-        agent = Agent(cfg, source, table, cert_manager=certs, lb_tables=lb)
+        agent = Agent(cfg, source, table, cert_manager=certs, lb_tables=lb, mesh_tables=mesh)
     except OSError as e:
         raise UserError(f"--listen {args.listen}: cannot listen ({e.strerror})") from e
     stopping = False
@@ -186,7 +210,10 @@ def run(args: argparse.Namespace) -> int:
         agent.stop()
         raise UserError(f"--xds-listen {args.xds_listen}: {e}") from None
     xds = f" xds={agent.xds.server.address}" if agent.xds is not None else ""
-    print(f"accel agent: node={args.node}{xds} listening on http://{agent.address}", flush=True)
+    # One write: with PYTHONUNBUFFERED, print() writes the text and its newline separately, and another
+    # thread's log line can land between them (the lab reads this line to find the agent).
+    sys.stdout.write(f"accel agent: node={args.node}{xds} listening on http://{agent.address}\n")
+    sys.stdout.flush()
     agent.wait()
     agent.stop()
     for owner in owners:
