@@ -137,17 +137,18 @@ static __always_inline __u16 lb_port(struct bpf_sock_addr *ctx)
 
 /* Capture (maps.h "The mesh"): does this TCP connection go to the pod's capture listener? Only an
  * enrolled pod whose capture listener is up (POD_F_CAPTURE), only to an enrolled pod on another node:
- * same-node traffic keeps the kernel fast path, and a peer outside the mesh gets plaintext. */
-static __always_inline int mesh_wants_capture(struct bpf_sock_addr *ctx, __u32 proto, struct ip_addr *dst)
+ * same-node traffic keeps the kernel fast path, and a peer outside the mesh gets plaintext. A connection
+ * to port 15008 is HBONE already (a waypoint's, a test client's): it is never wrapped twice. */
+static __always_inline int mesh_wants_capture(struct bpf_sock_addr *ctx, __u32 proto, struct lb_addr *dst)
 {
-    if (proto != IPPROTO_TCP)
+    if (proto != IPPROTO_TCP || dst->port == MESH_HBONE_PORT)
         return 0;
     struct local_pod_key pk = {};
     pk.netns_cookie = bpf_get_netns_cookie(ctx);
     struct local_pod *src = local_pods.lookup(&pk);
     if (!src || !(src->flags & POD_F_CAPTURE))
         return 0;
-    struct ipcache_entry *peer = ipcache_of(dst);
+    struct ipcache_entry *peer = ipcache_of(&dst->ip);
     return peer && (peer->flags & IPC_F_MTLS) && !(peer->flags & IPC_F_LOCAL);
 }
 
@@ -185,7 +186,7 @@ static __always_inline int lb_forward4(struct bpf_sock_addr *ctx, __u32 proto)
         __builtin_memcpy(&be.ip, &key.vip, sizeof(be.ip));
         be.port = key.port;
     }
-    if (mesh_wants_capture(ctx, proto, &be.ip) && mesh_keep_capture_dst(ctx, &be)) {
+    if (mesh_wants_capture(ctx, proto, &be) && mesh_keep_capture_dst(ctx, &be)) {
         struct lb_addr cap = {};
         ip_from_v4(&cap.ip, bpf_htonl(0x7f000001)); /* 127.0.0.1 */
         cap.port = MESH_CAPTURE_PORT;
@@ -234,7 +235,7 @@ static __always_inline int lb_forward6(struct bpf_sock_addr *ctx, __u32 proto)
         __builtin_memcpy(&be.ip, &key.vip, sizeof(be.ip));
         be.port = key.port;
     }
-    if (mesh_wants_capture(ctx, proto, &be.ip) && mesh_keep_capture_dst(ctx, &be)) {
+    if (mesh_wants_capture(ctx, proto, &be) && mesh_keep_capture_dst(ctx, &be)) {
         struct lb_addr cap = {};
         cap.ip.addr[15] = 1; /* ::1 */
         cap.port = MESH_CAPTURE_PORT;
