@@ -13,6 +13,7 @@ from accel.agent import Agent, AgentConfig
 from accel.agent_certs import make_signer
 from accel.agent_xds import DEFAULT_PORT_BASE
 from accel.errors import UserError
+from accel.flows import DEFAULT_CAPACITY
 from accel.sources.base import Source
 from accel.state.model import MtlsMode
 from certs.manager import CertManager
@@ -57,6 +58,11 @@ def register(sub: Any) -> None:
                    help="address Envoy's L7 and inbound mTLS listeners bind to (the node's address in the lab)")
     x.add_argument("--l7-port-base", type=int, default=DEFAULT_PORT_BASE, metavar="PORT",
                    help="listener ports are assigned from here up, one per L7 service port / inbound pod port")
+    f = p.add_argument_group("flows (accel observe)")
+    f.add_argument("--flows-kept", type=int, default=DEFAULT_CAPACITY, metavar="N",
+                   help=f"keep the last N flows for /flows and `accel observe` (default {DEFAULT_CAPACITY})")
+    f.add_argument("--als-listen", metavar="HOST:PORT|unix:PATH",
+                   help="receive Envoy's access log here (gRPC ALS): tunnel and L7 flows")
     p.set_defaults(func=run)
 
 
@@ -126,6 +132,14 @@ def parse_xds_listen(text: str | None) -> str | None:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def parse_als_listen(text: str | None) -> str | None:
+    try:
+        return parse_xds_listen(text)
+    except UserError:
+        raise UserError(f"--als-listen {text!r} is not HOST:PORT or unix:PATH (e.g. unix:/run/meshaccel/als.sock)") \
+            from None
+
+
 def check_l7(args: argparse.Namespace) -> None:
     import ipaddress
 
@@ -152,6 +166,9 @@ def make_cert_manager(args: argparse.Namespace) -> CertManager | None:
 def run(args: argparse.Namespace) -> int:
     listen = parse_listen(args.listen)
     xds_listen = parse_xds_listen(args.xds_listen)
+    als_listen = parse_als_listen(args.als_listen)
+    if args.flows_kept < 0:
+        raise UserError(f"--flows-kept {args.flows_kept} is negative; give 0 (keep none) or more")
     check_l7(args)
     certs = make_cert_manager(args)
     source = make_source(args.source, args.kubeconfig)
@@ -162,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
     table, lb, owners = open_maps(args.maps, args.instance or args.node, args.cgroup)
     cfg = AgentConfig(node=args.node, state_dir=args.state_dir, listen=listen, trust_domain=args.trust_domain,
                       default_mtls=MtlsMode(args.default_mtls), xds_listen=xds_listen, l7_bind=args.l7_bind,
-                      l7_port_base=args.l7_port_base, service_cidrs=tuple(args.service_cidr))
+                      l7_port_base=args.l7_port_base, service_cidrs=tuple(args.service_cidr),
+                      flows_kept=args.flows_kept, als_listen=als_listen)
     try:
         agent = Agent(cfg, source, table, cert_manager=certs, lb_tables=lb)
     except OSError as e:
