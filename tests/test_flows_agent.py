@@ -249,3 +249,59 @@ def test_observe_output_into_a_closed_pipe_is_quiet(agent: Agent) -> None:
                        shell=True, capture_output=True, text=True, cwd=ROOT, timeout=30,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert p.stdout.startswith("TIME") and p.stderr == ""
+
+
+def test_agent_runs_the_access_log_server_it_is_given(tmp_path: Path) -> None:
+    import grpc
+    from envoy.data.accesslog.v3 import accesslog_pb2 as al
+    from envoy.service.accesslog.v3 import als_pb2
+
+    from xds.als import SERVICE
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "pods.yaml").write_text(MANIFESTS)
+    sock = tmp_path / "als.sock"
+    a = Agent(AgentConfig(node="n1", listen=("127.0.0.1", 0), als_listen=f"unix:{sock}"),
+              ManifestSource(tmp_path / "m"), {}).start()
+    try:
+        assert eventually(a.ready.is_set, 15, 0.02)
+        assert a.status()["flows"]["access_log"]["address"] == f"unix:{sock}"
+        entry = al.HTTPAccessLogEntry()
+        c = entry.common_properties
+        c.downstream_remote_address.socket_address.address = "10.1.0.10"  # front-0, from the manifests
+        c.downstream_remote_address.socket_address.port_value = 43210
+        c.upstream_remote_address.socket_address.address = "10.1.0.11"
+        c.upstream_remote_address.socket_address.port_value = 8080
+        c.route_name = "r1"
+        entry.request.request_method = 1  # GET
+        entry.request.path = "/x"
+        entry.response.response_code.value = 201
+        msg = als_pb2.StreamAccessLogsMessage()
+        msg.http_logs.log_entry.append(entry)
+        with grpc.insecure_channel(f"unix:{sock}") as ch:
+            ch.stream_unary(f"/{SERVICE}/StreamAccessLogs", request_serializer=None,
+                            response_deserializer=als_pb2.StreamAccessLogsResponse.FromString)(
+                iter([msg.SerializeToString()]), timeout=10)
+        r = observe(url(a), "--output", "json")
+        [f] = [flow_from_dict(json.loads(line)) for line in r.stdout.splitlines()]
+        assert (f.source, f.path, f.http_status, f.route, f.src.pod, f.src.workload) == \
+            ("envoy", "l7", 201, "r1", "shop/front-0", "front")
+        assert a.healthy()
+    finally:
+        a.stop()
+    assert not a.flows.als.alive()  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("als", "says"), [
+    ("nonsense", "accel: error: --als-listen 'nonsense' is not HOST:PORT or unix:PATH"),
+    ("unix:/nonexistent/dir/als.sock", "accel: error: --als-listen unix:/nonexistent/dir/als.sock: access log server "
+                                       "could not start"),
+])
+def test_bad_als_listen_is_a_one_line_error(tmp_path: Path, als: str, says: str) -> None:
+    (tmp_path / "m").mkdir()
+    r = subprocess.run([sys.executable, "-m", "accel.cli", "agent", "--node", "n1", "--source", f"manifests:{tmp_path / 'm'}",
+                        "--maps", "memory", "--state-dir", str(tmp_path / "state"), "--listen", "127.0.0.1:0",
+                        "--als-listen", als], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 2, r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("accel: error:")]
+    assert len(errors) == 1 and errors[0].startswith(says), r.stderr

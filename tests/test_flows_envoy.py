@@ -27,11 +27,11 @@ from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.service.accesslog.v3 import als_pb2
 from google.protobuf import wrappers_pb2
 
+from accel.agent_flows import AgentFlows
 from accel.envoy import Envoy, EnvoyConfig
 from accel.flows import Flow, FlowStore
 from accel.flows_envoy import EnvoyFlows
 from accel.flows_metrics import IstioMetrics
-from accel.flows_resolve import EndpointResolver
 from accel.state.model import Event, EventType
 from accel.state.parse import parse_object
 from accel.state.store import ClusterState
@@ -176,6 +176,7 @@ def resources(ports: Ports, web_port: int, db_port: int, als_address: str) -> Re
 
 @dataclass
 class Setup:
+    flows: AgentFlows
     store: FlowStore
     decoder: EnvoyFlows
     metrics: IstioMetrics
@@ -185,15 +186,10 @@ class Setup:
 
 @pytest.fixture(scope="module")
 def setup(servers: tuple[int, int], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
-    state = model()
-    store = FlowStore(1000)
-    resolver = EndpointResolver(state, NODE)
-    metrics = IstioMetrics(resolver.is_local)
-    store.add_observer(metrics.observe)
-    decoder = EnvoyFlows(store, resolver)
     sock = Path(tmp_path_factory.mktemp("als")) / "als.sock"
-    als = AccessLogServer(decoder.on_message)
-    als.start(f"unix:{sock}")
+    flows = AgentFlows(NODE, model(), capacity=1000, als_listen=f"unix:{sock}")  # what the agent runs
+    flows.start()
+    assert flows.als is not None
     ca = make_ca()
     material = {}
     for serial, sid in enumerate((CLIENT_ID, DB_ID), start=1):
@@ -211,11 +207,11 @@ def setup(servers: tuple[int, int], tmp_path_factory: pytest.TempPathFactory) ->
         envoy.start(wait_live=True)
         wait_until(lambda: xds.settled(NODE, snap.version), what="envoy settled")
         wait_until(lambda: _connects(ports.tunnel_in), what="tunnel listener up")
-        yield Setup(store, decoder, metrics, als, ports)
+        yield Setup(flows, flows.store, flows.envoy, flows.istio, flows.als, ports)
     finally:
         envoy.stop()
         xds.stop()
-        als.stop()
+        flows.stop()
 
 
 def _connects(port: int) -> bool:
@@ -356,4 +352,7 @@ def test_malformed_messages_and_entries_are_counted_and_skipped(setup: Setup) ->
     after, als_after = setup.decoder.status(), setup.als.status()
     assert after["malformed_entries"] - before["malformed_entries"] == 3
     assert als_after.malformed_messages - als_before.malformed_messages == 1
+    text = setup.flows.metrics_text().decode()
+    assert f'meshaccel_access_log_entries_total{{result="malformed"}} {after["malformed_entries"]:.1f}' in text
+    assert f"meshaccel_access_log_malformed_messages_total {als_after.malformed_messages:.1f}" in text
     assert setup.als.alive()
