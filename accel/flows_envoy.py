@@ -61,12 +61,31 @@ class MalformedEntry(ValueError):
     pass
 
 
+_SHORT = {name: short for name, short in _FLAG_NAMES} | {"unauthorized_details": "UAEX"}
+_ORDER = {name: i for i, name in enumerate(_SHORT)}
+
+
 def response_flags(flags: al.ResponseFlags) -> str:
     """Envoy's short names joined by ',' ("-" when none), as %RESPONSE_FLAGS% prints them."""
-    names = [short for name, short in _FLAG_NAMES if getattr(flags, name)]
-    if flags.HasField("unauthorized_details"):
-        names.append("UAEX")
-    return ",".join(names) or "-"
+    set_ = [f.name for f, v in flags.ListFields() if v and f.name in _SHORT]  # only the fields that are set
+    return ",".join(_SHORT[n] for n in sorted(set_, key=_ORDER.__getitem__)) or "-"
+
+
+_canonical_ips: dict[str, str] = {}
+
+
+def _canonical_ip(text: str) -> str:
+    """The canonical text of an IP address (as the model keeps them); MalformedEntry if it is none."""
+    ip = _canonical_ips.get(text)
+    if ip is None:
+        try:
+            ip = str(ipaddress.ip_address(text))
+        except ValueError:
+            raise MalformedEntry(f"address {text!r} is not an IP address") from None
+        if len(_canonical_ips) > 65536:  # addresses churn slowly; start over rather than grow
+            _canonical_ips.clear()
+        _canonical_ips[text] = ip
+    return ip
 
 
 def _address(addr: address_pb2.Address) -> tuple[str, int] | None:
@@ -74,13 +93,9 @@ def _address(addr: address_pb2.Address) -> tuple[str, int] | None:
     if not addr.HasField("socket_address"):
         return None
     sa = addr.socket_address
-    try:
-        ip = str(ipaddress.ip_address(sa.address))
-    except ValueError:
-        raise MalformedEntry(f"address {sa.address!r} is not an IP address") from None
     if sa.port_value > 65535:
         raise MalformedEntry(f"port {sa.port_value} out of range")
-    return ip, sa.port_value
+    return _canonical_ip(sa.address), sa.port_value
 
 
 def _uri_san(cert: al.TLSProperties.CertificateProperties) -> str:
@@ -164,10 +179,10 @@ class EnvoyFlows:
     def _ends(self, c: al.AccessLogCommon, tags: Mapping[str, str]) -> tuple[Endpoint, Endpoint, str]:
         """(source, destination, service) endpoints of an entry."""
         down = _address(c.downstream_remote_address)
-        up = _address(c.upstream_remote_address)
-        local = _address(c.downstream_local_address)
         if down is None:
             raise MalformedEntry("no downstream IP address")
+        up = _address(c.upstream_remote_address)
+        local = _address(c.downstream_local_address) if up is None else None
         target = up or local
         if target is None:
             raise MalformedEntry("no upstream or local IP address")

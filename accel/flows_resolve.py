@@ -38,16 +38,22 @@ class EndpointResolver:
         self.node = node
         self._lock = threading.Lock()
         self._generation = -1
-        self._endpoints: dict[tuple[str, int], Endpoint] = {}
+        self._endpoints: dict[tuple[str, int], Endpoint] = {}  # shared by the flows of one (ip, port)
+        self._pods: dict[str, Endpoint] = {}  # per address, port 0: what a fresh source port starts from
         self._services: dict[tuple[str, int], str] = {}
         self._services_any_port: dict[str, str] = {}
 
     def _fresh(self) -> None:
         """Under the lock: drop the caches if the model moved on."""
         gen = self.state.generation if self.state is not None else 0
-        if gen != self._generation or len(self._endpoints) > MAX_CACHED:
+        if len(self._endpoints) > MAX_CACHED:  # ephemeral source ports fill it; start over
+            self._endpoints = {}
+        if len(self._pods) > MAX_CACHED:
+            self._pods = {}
+        if gen != self._generation:
             self._generation = gen
             self._endpoints = {}
+            self._pods = {}
             self._services = {}
             self._services_any_port = {}
             if self.state is not None:
@@ -67,17 +73,22 @@ class EndpointResolver:
             ep = self._endpoints.get(key)
             if ep is not None:
                 return ep
-        ep = self._resolve(ip, port)
+            base = self._pods.get(ip)
+        if base is None:
+            base = self._resolve(ip)
+            with self._lock:
+                self._pods[ip] = base
+        ep = Endpoint(ip, port, base.pod, base.workload, base.namespace, base.identity, base.labels)
         with self._lock:
             self._endpoints[key] = ep
         return ep
 
-    def _resolve(self, ip: str, port: int) -> Endpoint:
+    def _resolve(self, ip: str) -> Endpoint:
         w = self.state.workload_by_ip(ip) if self.state is not None else None
         if w is None:
-            return Endpoint(ip, port)
+            return Endpoint(ip, 0)
         pod = w.pod
-        return Endpoint(ip, port, pod=f"{pod.namespace}/{pod.name}", workload=workload_name(pod),
+        return Endpoint(ip, 0, pod=f"{pod.namespace}/{pod.name}", workload=workload_name(pod),
                         namespace=pod.namespace, identity=w.identity.spiffe_id, labels=pod.labels)
 
     def service_at(self, ip: str, port: int = 0) -> str:
