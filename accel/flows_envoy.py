@@ -227,7 +227,7 @@ class EnvoyFlows:
         end, dur = _times(c)
         path = tags.get(TAG_PATH) or ("tunnel" if encrypted else "tcp")
         closed = event != "open"
-        return Flow(time=end, event=event, source="envoy", proto="TCP", src=src, dst=dst, path=path,
+        return Flow(time=end if closed else end - dur, event=event, source="envoy", proto="TCP", src=src, dst=dst, path=path,
                     encrypted=encrypted, verdict=verdict, reason=reason, policy=policy, service=service,
                     bytes_sent=entry.connection_properties.received_bytes if closed else 0,
                     bytes_received=entry.connection_properties.sent_bytes if closed else 0,

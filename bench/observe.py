@@ -32,6 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from bench.common import median, report
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,7 +71,7 @@ def model_docs() -> list[dict[str, Any]]:
 
 def write_manifests(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "cluster.json").write_text("\n".join(json.dumps({"apiVersion": "v1", **d}) for d in model_docs()))
+    (folder / "cluster.yaml").write_text(yaml.safe_dump_all([{"apiVersion": "v1", **d} for d in model_docs()]))
 
 
 def make_flows(resolve: Callable[[str, int], Any], n: int) -> list[Any]:
@@ -133,9 +135,9 @@ def start_agent(folder: Path) -> Any:
     write_manifests(folder / "m")
     agent = Agent(AgentConfig(node="node-0", state_dir=folder / "state", listen=("127.0.0.1", 0), flows_kept=KEPT),
                   ManifestSource(folder / "m"), {}).start()
-    if not agent.ready.wait(60):
+    if not agent.ready.wait(60) or len(agent.state.workloads()) != WORKLOADS * PODS_PER:
         agent.stop()
-        raise RuntimeError("agent did not sync")
+        raise RuntimeError("the agent did not sync the benchmark's pods")
     return agent
 
 

@@ -11,6 +11,7 @@ import itertools
 import socket
 import socketserver
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,6 +255,7 @@ def test_http_request_becomes_an_l7_flow_with_status_route_and_bytes(setup: Setu
     assert (f.event, f.source, f.verdict, f.http_method, f.http_status, f.route) == \
         ("close", "envoy", "forwarded", "GET", 200, "web-default")
     assert f.service == "shop/web" and f.response_flags == "-" and not f.encrypted
+    assert abs(f.time - time.time()) < 60 and 0 < f.duration_seconds < 10  # the request's end, from Envoy's clock
     assert (f.src.ip, f.src.pod, f.src.workload, f.src.identity) == (CLIENT_IP, "shop/client-0", "client", CLIENT_ID)
     assert (f.dst.ip, f.dst.port, f.dst.pod, f.dst.workload) == (WEB_IP, servers[0], "shop/web-6f9c7-x2k4q", "web")
     # Response bytes = the headers Envoy sent back + exactly the body; request = headers only.
