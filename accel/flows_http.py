@@ -85,6 +85,9 @@ class FlowStreams:
         except FilterError as e:
             _plain(handler, 400, f"{e}\n")
             return
+        # A reader that stops reading without closing (gone, partitioned) fills the socket
+        # buffers; the blocked write then fails after this long and the response is dropped.
+        handler.connection.settimeout(self.write_timeout)
         if not follow:
             flows = self.store.recent(flt, last)
             self._start(handler)
@@ -101,9 +104,6 @@ class FlowStreams:
             self.open_streams += 1
             self.streams_served += 1
         try:
-            # A reader that stops reading without closing (gone, partitioned) fills the socket
-            # buffers; the blocked write then fails after this long and the stream is dropped.
-            handler.connection.settimeout(self.write_timeout)
             self._start(handler)
             self._follow(handler, sub)
         finally:

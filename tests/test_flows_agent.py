@@ -181,6 +181,28 @@ def test_client_that_disconnects_mid_stream_is_cleaned_up(agent: Agent) -> None:
     assert agent.healthy()
 
 
+def test_every_flow_is_delivered_or_counted_lost(agent: Agent) -> None:
+    agent.flows.store.queue_size = 10
+    port = int(agent.address.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /flows?follow=1 HTTP/1.0\r\n\r\n")
+        reader = s.makefile("rb")
+        while reader.readline() not in (b"\r\n", b""):
+            pass  # status and headers
+        assert eventually(lambda: agent.flows.streams.open_streams == 1, 5, 0.02)
+        agent.flows.record_many([flow(bytes_sent=i) for i in range(1000)])  # a burst: far more than 10
+        delivered, lost = [], 0
+        while len(delivered) + lost < 1000:
+            doc = json.loads(reader.readline())
+            if "lost_events" in doc:
+                lost += doc["lost_events"]
+            else:
+                delivered.append(doc["bytes_sent"])
+        assert lost > 0 and len(delivered) + lost == 1000
+        assert delivered == sorted(delivered)  # what arrives comes in order
+        reader.close()
+
+
 def test_stalled_reader_loses_flows_not_the_producer(agent: Agent) -> None:
     agent.flows.streams.write_timeout = 1.0
     agent.flows.store.queue_size = 200

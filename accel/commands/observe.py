@@ -6,7 +6,9 @@ value; different filters must all hold); a table for people or `--output json` (
 line) for programs; `--map FILE.svg|FILE.png` draws the service map of the matching recent flows.
 
 Filters that match nothing print nothing on stdout and exit 0, as `hubble observe` does, with a
-note on stderr saying how many flows the agent keeps.
+note on stderr saying how many flows the agent keeps. While following, flows this reader fell
+behind on are dropped by the agent (never slowing it): a note on stderr says how many, and with
+`-o json` a line `{"lost_events": N, "time": T}` says it too.
 """
 
 from __future__ import annotations
