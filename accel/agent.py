@@ -2,7 +2,7 @@
 
 Threads: the source (its own watch threads), the apply loop (the model's single writer; it batches
 whatever is queued, applies it and lets the reconcilers write the maps), and the HTTP endpoint
-(/healthz, /readyz, /metrics, /status). Nothing here blocks on the kernel or the API server while
+(/healthz, /readyz, /metrics, /status, /flows). Nothing here blocks on the kernel or the API server while
 holding the model. Optional parts follow the same model: the cert manager (its own refresh thread)
 and the xDS bridge (its own rebuild thread and the ADS server's loop).
 """
@@ -23,7 +23,9 @@ from typing import Any
 from prometheus_client import REGISTRY, generate_latest
 
 from accel.agent_certs import CertsReconciler
+from accel.agent_flows import AgentFlows
 from accel.agent_xds import DEFAULT_PORT_BASE, Announcement, XdsBridge
+from accel.flows import DEFAULT_CAPACITY
 from accel.mesh import IpcacheReconciler, LocalPodsReconciler, MeshTables
 from accel.metrics import Metrics
 from accel.podns import PodNetnsCache
@@ -63,6 +65,8 @@ class AgentConfig:
     node_addresses: tuple[str, ...] = ()
     splice_loopback: bool = False  # loopback in local_endpoints: app <-> node Envoy legs are spliced
     envoy_access_log: str | None = None  # the node Envoy logs each tunnel here (JSON lines)
+    flows_kept: int = DEFAULT_CAPACITY  # the last N flows served by /flows (accel observe)
+    als_listen: str | None = None  # "HOST:PORT" or "unix:PATH": Envoy's access log service; None: off
 
 
 class _QueueSink:
@@ -136,6 +140,8 @@ class Agent:
             if self.local_pods is not None:
                 self.state.subscribe(self._seed_announcement)
             self.state.subscribe(self.xds.on_change)
+        # Flows (accel/agent_flows.py): producers call self.flows.record(flow); served at /flows.
+        self.flows = AgentFlows(config.node, self.state, config.flows_kept, config.als_listen, self.report_problem)
         self._queue: queue.SimpleQueue[tuple[object, float]] = queue.SimpleQueue()
         self._stop = threading.Event()
         self.ready = threading.Event()
@@ -155,6 +161,7 @@ class Agent:
     def start(self) -> Agent:
         self.started_at = time.monotonic()
         sink = _QueueSink(self)
+        self.flows.start()
         if self.certs is not None:
             self.certs.manager.start()
         if self.xds is not None and self.config.xds_listen is not None:
@@ -175,6 +182,7 @@ class Agent:
 
     def stop(self) -> None:
         self._stop.set()
+        self.flows.stop()  # ends /flows streams before the HTTP server goes
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
@@ -203,7 +211,8 @@ class Agent:
         return f"{host!s}:{port}"
 
     def healthy(self) -> bool:
-        return all(t.is_alive() for t in self._threads) and (self.xds is None or self.xds.alive())
+        return (all(t.is_alive() for t in self._threads) and (self.xds is None or self.xds.alive())
+                and self.flows.alive())
 
     # --- problems -----------------------------------------------------------------------------
 
@@ -331,12 +340,13 @@ class Agent:
             "healthy": self.healthy(),
             "certs": self.certs.status() if self.certs is not None else None,
             "xds": self.xds.status() if self.xds is not None else None,
+            "flows": self.flows.status(),
         }
 
     def metrics_text(self) -> bytes:
         """The agent's registry, plus the process-wide one where the CSR client, cert and xDS
         counters live (NACKs by type, streams) when those parts run."""
-        text = self.metrics.render()
+        text = self.metrics.render() + self.flows.metrics_text()
         if self.certs is not None or self.xds is not None:
             text += generate_latest(REGISTRY)
         return text
@@ -366,8 +376,10 @@ def _serve(agent: Agent, listen: tuple[str, int]) -> ThreadingHTTPServer:
                 self._send(200, agent.metrics_text(), "text/plain; version=0.0.4; charset=utf-8")
             elif path == "/status":
                 self._send(200, json.dumps(agent.status()).encode(), "application/json")
+            elif path == "/flows":
+                agent.flows.serve_http(self)
             else:
-                self._send(404, b"not found: try /healthz /readyz /metrics /status\n")
+                self._send(404, b"not found: try /healthz /readyz /metrics /status /flows\n")
 
         def do_POST(self) -> None:  # noqa: N802
             if self.path.split("?", 1)[0] != "/certs/refresh":

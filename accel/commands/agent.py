@@ -14,6 +14,7 @@ from accel.agent import Agent, AgentConfig
 from accel.agent_certs import make_signer
 from accel.agent_xds import DEFAULT_PORT_BASE
 from accel.errors import UserError
+from accel.flows import DEFAULT_CAPACITY
 from accel.sources.base import Source
 from accel.state.model import MtlsMode
 from certs.manager import CertManager
@@ -65,6 +66,11 @@ def register(sub: Any) -> None:
                    help="the node Envoy writes one JSON line per tunnel here (peer SPIFFE IDs, bytes, status)")
     x.add_argument("--l7-port-base", type=int, default=DEFAULT_PORT_BASE, metavar="PORT",
                    help="listener ports are assigned from here up, one per L7 service port / inbound pod port")
+    f = p.add_argument_group("flows (accel observe)")
+    f.add_argument("--flows-kept", type=int, default=DEFAULT_CAPACITY, metavar="N",
+                   help=f"keep the last N flows for /flows and `accel observe` (default {DEFAULT_CAPACITY})")
+    f.add_argument("--als-listen", metavar="HOST:PORT|unix:PATH",
+                   help="receive Envoy's access log here (gRPC ALS): tunnel and L7 flows")
     p.set_defaults(func=run)
 
 
@@ -147,6 +153,14 @@ def check_addresses(texts: list[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
+def parse_als_listen(text: str | None) -> str | None:
+    try:
+        return parse_xds_listen(text)
+    except UserError:
+        raise UserError(f"--als-listen {text!r} is not HOST:PORT or unix:PATH (e.g. unix:/run/meshaccel/als.sock)") \
+            from None
+
+
 def check_l7(args: argparse.Namespace) -> None:
     import ipaddress
 
@@ -173,6 +187,9 @@ def make_cert_manager(args: argparse.Namespace) -> CertManager | None:
 def run(args: argparse.Namespace) -> int:
     listen = parse_listen(args.listen)
     xds_listen = parse_xds_listen(args.xds_listen)
+    als_listen = parse_als_listen(args.als_listen)
+    if args.flows_kept < 0:
+        raise UserError(f"--flows-kept {args.flows_kept} is negative; give 0 (keep none) or more")
     check_l7(args)
     certs = make_cert_manager(args)
     source = make_source(args.source, args.kubeconfig)
@@ -186,7 +203,8 @@ def run(args: argparse.Namespace) -> int:
                       default_mtls=MtlsMode(args.default_mtls), xds_listen=xds_listen, l7_bind=args.l7_bind,
                       l7_port_base=args.l7_port_base, service_cidrs=tuple(args.service_cidr),
                       node_addresses=node_addresses, splice_loopback=args.splice_loopback and args.maps != "memory",
-                      envoy_access_log=args.envoy_access_log)
+                      envoy_access_log=args.envoy_access_log, flows_kept=args.flows_kept,
+                      als_listen=als_listen)
     try:
         agent = Agent(cfg, source, table, cert_manager=certs, lb_tables=lb, mesh_tables=mesh)
     except OSError as e:
