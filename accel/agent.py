@@ -136,7 +136,7 @@ class Agent:
 
             self.xds = XdsBridge(config.node, self.state, self.certs, config.l7_bind, config.l7_port_base,
                                  self.report_problem, on_announce, self.netns, config.trust_domain,
-                                 config.envoy_access_log)
+                                 config.envoy_access_log, config.als_listen)
             if self.local_pods is not None:
                 self.state.subscribe(self._seed_announcement)
             self.state.subscribe(self.xds.on_change)

@@ -35,6 +35,7 @@ from accel.state.model import ChangeSet, EndpointSlice, HTTPRoute, Kind, ObjectK
 from accel.state.store import ClusterState
 from accel.translate import L7Options, translate
 from xds import resources as R
+from xds.access_log import als_cluster, attach, http_access_log, tcp_access_log
 from xds.cache import LISTENER, SHORT_NAMES, Resources, SnapshotCache, snapshot_of
 from xds.sds import build_secrets
 from xds.server import XdsServer
@@ -96,7 +97,7 @@ class XdsBridge:
                  port_base: int, on_problem: Callable[[str, str], None],
                  on_announce: Callable[[Announcement], None] | None = None,
                  netns: PodNetnsCache | None = None, trust_domain: str = "cluster.local",
-                 access_log_path: str | None = None) -> None:
+                 access_log_path: str | None = None, als_address: str | None = None) -> None:
         self.node = node
         self.state = state
         self.certs = certs
@@ -105,7 +106,12 @@ class XdsBridge:
         self.on_problem = on_problem
         self.netns = netns
         self.trust_domain = trust_domain
-        self.access_log = [R.file_access_log(access_log_path)] if access_log_path else []
+        # Access logs: a JSON file (--envoy-access-log) and/or the agent's ALS server (--als-listen: flows).
+        files = [R.file_access_log(access_log_path)] if access_log_path else []
+        self.als_cluster = als_cluster(als_address) if als_address else None
+        self.outbound_log = files + ([tcp_access_log("tunnel", "outbound", upstream_peer=True)] if als_address else [])
+        self.inbound_log = files + ([http_access_log("tunnel", "inbound")] if als_address else [])
+        self.als = als_address is not None
         self.cache = SnapshotCache()
         self.server = XdsServer(self.cache)
         self.version = ""
@@ -197,11 +203,16 @@ class XdsBridge:
         res = translate(services, slices, routes, L7Options(listener_address=l7_address))
         self.ports.sweep()
         mesh_pods = self._mesh_pods()
-        mesh, secret_names = mesh_resources(mesh_pods, self.trust_domain, self.access_log)
+        mesh, secret_names = mesh_resources(mesh_pods, self.trust_domain, self.outbound_log, self.inbound_log)
         for p in mesh_pods:
             listeners[f"capture {p.key.namespace}/{p.key.name}"] = "127.0.0.1:15001 (in the pod)"
             listeners[f"hbone {p.key.namespace}/{p.key.name} {p.spiffe_id}"] = ", ".join(f"{ip}:15008" for ip in p.ips)
-        res = Resources(res.clusters + mesh.clusters, res.endpoints, res.listeners + mesh.listeners, res.routes,
+        l7_listeners = res.listeners
+        if self.als:  # each L7 listener's requests are flows of its service (name: l7|<ns>|<svc>|<port>)
+            l7_listeners = tuple(attach(lis, http=http_access_log("l7", "outbound", "/".join(lis.name.split("|")[1:3])))
+                                 for lis in res.listeners)
+        extra = (self.als_cluster,) if self.als_cluster is not None else ()
+        res = Resources(res.clusters + mesh.clusters + extra, res.endpoints, l7_listeners + mesh.listeners, res.routes,
                         res.problems)
         secrets = build_secrets(secret_names, self.certs.secret_source) if self.certs is not None else []
         snap = snapshot_of(res, secrets)

@@ -264,7 +264,8 @@ class LabAgent:
                 "--source", f"manifests:{self.manifests}", "--state-dir", str(self.dir / "state"),
                 "--listen", "127.0.0.1:0", "--xds-listen", f"unix:{self.xds_socket}",
                 "--l7-bind", n.ipv4, "--node-address", n.ipv4, "--node-address", n.ipv6,
-                "--cert-status-file", str(self.dir / "certs.json"), "--envoy-access-log", str(self.access_log)]
+                "--cert-status-file", str(self.dir / "certs.json"), "--envoy-access-log", str(self.access_log),
+                "--als-listen", f"unix:{self.dir / 'als.sock'}"]
         argv += ["--maps", "pinned", "--instance", n.instance] if self.lab.attach else ["--maps", "memory"]
         if self.certs and self.ca_serve:
             argv += ["--ca-address", self.ca_address_file.read_text().strip(), "--node-credential",

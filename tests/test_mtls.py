@@ -465,3 +465,20 @@ def test_ca_down_tunnels_keep_working_new_identities_wait(mesh: Mesh) -> None:
     waiting.wait_until(lambda: n1.status()["xds"]["mesh_pods"].get(f"{NAMESPACE}/pod7") == newcomer, 60,
                        "the newcomer served once the CA is back")
     mesh.set_modes()
+
+
+def test_tunnels_are_flows_with_both_identities(mesh: Mesh) -> None:
+    """The node Envoys stream their access logs to their agents (gRPC ALS): a tunnel is a flow with the
+    source and destination SPIFFE IDs taken from the certificates, as `accel observe` shows it."""
+    assert ask(mesh.lab, "pod1", mesh.ip("pod2"), PORT, "observed").startswith("echo observed")
+    n2 = mesh.cluster.agents["node2"]
+
+    def inbound_tunnel() -> list[dict[str, Any]]:
+        out = subprocess.run([sys.executable, "-m", "accel.cli", "observe", "--agent", n2.url, "--output", "json",
+                              "--namespace", NAMESPACE], capture_output=True, text=True, timeout=30)
+        flows = [json.loads(ln) for ln in out.stdout.splitlines() if ln.strip()]
+        return [f for f in flows if f["path"] == "tunnel" and f["src"]["identity"] == sid("pod1")
+                and f["dst"]["ip"] == mesh.ip("pod2") and f["dst"]["port"] == PORT]
+    waiting.wait_until(lambda: bool(inbound_tunnel()), 15, "the tunnel as a flow on node2")
+    f = inbound_tunnel()[-1]
+    assert f["encrypted"] and f["dst"]["identity"] == sid("pod2") and f["verdict"] == "forwarded", f
