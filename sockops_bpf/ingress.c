@@ -1,11 +1,13 @@
-/* ingress (cgroup_skb): packets arriving for sockets of this node's pods. Only the first packet of a
- * TCP connection (SYN without ACK) is looked at, so established traffic pays one header read.
- *
- * A strict pod accepts from outside its node only HBONE: port 15008, where the node Envoy's listener
- * in the pod's namespace terminates mTLS. A plaintext SYN from another node to any other port of a
- * strict pod is dropped here, before any socket of the application sees it. Same-node peers (the
- * kernel knows them: checked at connect()) and this node's own addresses (the node Envoy delivering
- * tunnelled connections, kubelet probes) pass. */
+/* ingress (cgroup_skb): packets arriving for sockets of this node's pods from elsewhere. Two rules,
+ * both decided before any socket of the application sees a byte:
+ * - a strict pod accepts from outside its node only HBONE: port 15008, where the node Envoy's listener in
+ *   the pod's namespace terminates mTLS; a plaintext SYN to any other port is dropped;
+ * - identity policy (maps.h "Identity policy") for plaintext peers on other nodes, known by their address
+ *   (ipcache). HBONE to 15008 is the node Envoy's to judge (RBAC on the peer's certificate).
+ * Same-node peers were checked at connect() (the kernel knows them there) and this node's own addresses
+ * (the node Envoy delivering tunnelled connections, kubelet probes) pass. Only a TCP connection's first
+ * packet (SYN without ACK) is looked at, and each UDP datagram (connectionless: nothing else to hang a
+ * verdict on), so established TCP traffic pays one header read. */
 
 #define ETH_P_IP_BE 0x0008   /* htons(ETH_P_IP) as skb->protocol holds it on little-endian hosts */
 #define ETH_P_IPV6_BE 0xDD86 /* htons(ETH_P_IPV6) */
@@ -16,32 +18,31 @@ struct l4_view {
     struct ip_addr src;
     struct ip_addr dst;
     __u16 dport;
+    __u8 proto; /* IPPROTO_TCP or IPPROTO_UDP */
     __u8 flags; /* TCP flags byte */
 };
 
-/* Fill `v` from a TCP packet; 0 when it is one, -1 for anything else (not looked at). */
-static __always_inline int tcp_view(struct __sk_buff *skb, struct l4_view *v)
+/* Fill `v` from a TCP or UDP packet; 0 when it is one, -1 for anything else (not looked at). */
+static __always_inline int l4_view(struct __sk_buff *skb, struct l4_view *v)
 {
     __u32 l4 = 0;
-    __u32 proto = CTX_U32(skb->protocol);
-    if (proto == ETH_P_IP_BE) {
+    __u32 eth = CTX_U32(skb->protocol);
+    if (eth == ETH_P_IP_BE) {
         __u8 vihl;
-        __u8 ipproto;
         __u16 frag;
         __u32 saddr, daddr;
-        if (bpf_skb_load_bytes(skb, 0, &vihl, 1) < 0 || bpf_skb_load_bytes(skb, 9, &ipproto, 1) < 0 ||
+        if (bpf_skb_load_bytes(skb, 0, &vihl, 1) < 0 || bpf_skb_load_bytes(skb, 9, &v->proto, 1) < 0 ||
             bpf_skb_load_bytes(skb, 6, &frag, 2) < 0)
             return -1;
-        if (ipproto != IPPROTO_TCP || (bpf_ntohs(frag) & 0x1fff))
-            return -1;
+        if (bpf_ntohs(frag) & 0x1fff)
+            return -1; /* a later fragment: its first one carried the ports */
         if (bpf_skb_load_bytes(skb, 12, &saddr, 4) < 0 || bpf_skb_load_bytes(skb, 16, &daddr, 4) < 0)
             return -1;
         ip_from_v4(&v->src, saddr);
         ip_from_v4(&v->dst, daddr);
         l4 = (vihl & 0x0f) * 4;
-    } else if (proto == ETH_P_IPV6_BE) {
-        __u8 nexthdr;
-        if (bpf_skb_load_bytes(skb, 6, &nexthdr, 1) < 0 || nexthdr != IPPROTO_TCP)
+    } else if (eth == ETH_P_IPV6_BE) {
+        if (bpf_skb_load_bytes(skb, 6, &v->proto, 1) < 0)
             return -1;
         if (bpf_skb_load_bytes(skb, 8, v->src.addr, 16) < 0 || bpf_skb_load_bytes(skb, 24, v->dst.addr, 16) < 0)
             return -1;
@@ -49,28 +50,39 @@ static __always_inline int tcp_view(struct __sk_buff *skb, struct l4_view *v)
     } else {
         return -1;
     }
+    if (v->proto != IPPROTO_TCP && v->proto != IPPROTO_UDP)
+        return -1;
     __u16 dport;
-    if (bpf_skb_load_bytes(skb, l4 + 2, &dport, 2) < 0 || bpf_skb_load_bytes(skb, l4 + 13, &v->flags, 1) < 0)
+    if (bpf_skb_load_bytes(skb, l4 + 2, &dport, 2) < 0)
         return -1;
     v->dport = bpf_ntohs(dport);
+    if (v->proto == IPPROTO_TCP && bpf_skb_load_bytes(skb, l4 + 13, &v->flags, 1) < 0)
+        return -1;
     return 0;
 }
 
 int mesh_ingress(struct __sk_buff *skb)
 {
     struct l4_view v = {};
-    if (tcp_view(skb, &v) < 0)
+    if (l4_view(skb, &v) < 0)
         return 1;
-    if ((v.flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN)
+    if (v.proto == IPPROTO_TCP && (v.flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN)
         return 1;
     struct ipcache_entry *dst = ipcache_of(&v.dst);
-    if (!dst || (dst->flags & (IPC_F_LOCAL | IPC_F_STRICT)) != (IPC_F_LOCAL | IPC_F_STRICT))
-        return 1;
-    if (v.dport == MESH_HBONE_PORT)
+    if (!dst || !(dst->flags & IPC_F_LOCAL))
         return 1;
     struct ipcache_entry *src = ipcache_of(&v.src);
     if (src && (src->flags & (IPC_F_LOCAL | IPC_F_HOST)))
         return 1;
-    mesh_count(MESH_CNT_STRICT_DROPPED);
-    return 0;
+    if (v.proto == IPPROTO_TCP && v.dport == MESH_HBONE_PORT && (dst->flags & IPC_F_MTLS))
+        return 1; /* HBONE: mTLS and the peer's certificate are the node Envoy's to check */
+    if (v.proto == IPPROTO_TCP && (dst->flags & IPC_F_STRICT)) {
+        mesh_count(MESH_CNT_STRICT_DROPPED);
+        return 0;
+    }
+    __u32 rule = 0;
+    __u32 src_id = src ? src->identity : IDENTITY_WORLD;
+    if (policy_verdict(dst->identity, src_id, POL_INGRESS, v.proto, v.dport, &rule) == POL_DENY)
+        return 0;
+    return 1;
 }

@@ -214,3 +214,31 @@ MAPS.update({
     "mesh_counters": (ct.c_int, ct.c_uint64),
     "capture_dst": (ct.c_int, LbAddr),
 })
+
+
+# ---- Identity policy (maps.h "Identity policy") ----------------------------------------------------
+POL_MAX_ENTRIES = 524288
+POL_MAX_RULES = 65536
+POL_ANY_PORT_PREFIXLEN = 80
+POL_INGRESS = 0
+POL_EGRESS = 1
+POL_ALLOW = 1
+POL_DENY = 2
+
+
+class PolicyKeyC(ct.Structure):
+    """`struct policy_key`: an LPM key; `port` is big-endian (see maps.PolicyMaps for the codec)."""
+
+    _fields_ = [("prefixlen", ct.c_uint32), ("subject", ct.c_uint32), ("peer", ct.c_uint32),
+                ("direction", ct.c_uint8), ("proto", ct.c_uint8), ("port", ct.c_uint16)]
+
+
+class PolicyValueC(ct.Structure):
+    _fields_ = [("verdict", ct.c_uint32), ("rule", ct.c_uint32)]
+
+
+POLICY_STRUCTS: dict[str, type[ct.Structure]] = {"policy_key": PolicyKeyC, "policy_value": PolicyValueC}
+MAPS.update({
+    "policy": (PolicyKeyC, PolicyValueC),
+    "policy_denies": (ct.c_uint32, ct.c_uint64),
+})

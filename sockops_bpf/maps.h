@@ -352,4 +352,74 @@ static __always_inline struct ipcache_entry *ipcache_of(struct ip_addr *ip)
 #endif /* MESHACCEL_LAYOUT_ONLY */
 /* ---- end of the mesh ---- */
 
+
+/* ---- Identity policy (sock_lb.c at connect/sendmsg, ingress.c for plaintext from other nodes) ------
+ * The agent's compiler (accel/policy) turns NetworkPolicy and the L4 part of Istio AuthorizationPolicy
+ * into entries of one LPM trie, keyed (subject, peer, direction, proto, port prefix): the subject is the
+ * local pod whose traffic is decided, the peer the other end's identity (ipcache; WORLD when unknown).
+ * Lookup: the peer's own entries first; if none covers the port, the entries for every other peer
+ * (peer 0); if none either, the subject is not isolated: allow. The compiler writes entries so that this
+ * gives every (peer, proto, port) its verdict, deny winning, and never opens a hole while it rewrites
+ * (accel/policy/compiler.py). Denies are counted per rule: the rule table is the agent's. */
+#define POL_MAX_ENTRIES 524288
+#define POL_MAX_RULES 65536
+#define POL_ANY_PORT_PREFIXLEN 80 /* subject, peer, direction, proto: the port's bits come on top */
+#define POL_INGRESS 0
+#define POL_EGRESS 1
+#define POL_ALLOW 1
+#define POL_DENY 2
+
+struct policy_key {
+    __u32 prefixlen;
+    __u32 subject;
+    __u32 peer; /* 0: any peer without entries of its own */
+    __u8 direction;
+    __u8 proto;
+    __u16 port; /* network byte order: a port range is a few prefixes */
+};
+
+struct policy_value {
+    __u32 verdict; /* POL_ALLOW or POL_DENY */
+    __u32 rule;    /* index into the agent's rule table (object, rule) */
+};
+
+#ifndef MESHACCEL_LAYOUT_ONLY
+BPF_TABLE_PINNED7("lpm_trie", struct policy_key, struct policy_value, policy, POL_MAX_ENTRIES, PIN_DIR "/policy",
+                  BPF_F_NO_PREALLOC);
+/* Denied attempts per rule; the agent names the rule (`accel policy check`, /metrics). */
+BPF_TABLE_PINNED("percpu_hash", __u32, __u64, policy_denies, POL_MAX_RULES, PIN_DIR "/policy_denies");
+
+/* The verdict for (subject, peer, direction, proto, port); `*rule` names the entry that decided. */
+static __always_inline __u32 policy_verdict(__u32 subject, __u32 peer, __u8 direction, __u8 proto, __u16 port,
+                                            __u32 *rule)
+{
+    struct policy_key k = {};
+    k.prefixlen = POL_ANY_PORT_PREFIXLEN + 16;
+    k.subject = subject;
+    k.peer = peer;
+    k.direction = direction;
+    k.proto = proto;
+    k.port = bpf_htons(port);
+    struct policy_value *v = policy.lookup(&k);
+    if (!v) {
+        k.peer = 0;
+        v = policy.lookup(&k);
+    }
+    if (!v)
+        return POL_ALLOW;
+    *rule = v->rule;
+    if (v->verdict == POL_DENY) {
+        __u32 r = v->rule;
+        __u64 one = 1;
+        __u64 *n = policy_denies.lookup(&r);
+        if (n)
+            *n += 1; /* per-CPU slot */
+        else
+            policy_denies.update(&r, &one);
+    }
+    return v->verdict;
+}
+#endif /* MESHACCEL_LAYOUT_ONLY */
+/* ---- end of identity policy ---- */
+
 #endif

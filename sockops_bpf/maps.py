@@ -11,17 +11,19 @@ from __future__ import annotations
 import ctypes as ct
 import ipaddress
 import os
+import socket
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, NamedTuple, TypeVar, cast
 
 from sockops_bpf import libbpf
 from sockops_bpf.errors import BpfError
 from sockops_bpf.layout import (
     CNT_MAX,
     EP_F_LOOPBACK,
+    POL_ANY_PORT_PREFIXLEN,
     Counter,
     EndpointInfo,
     IpAddr,
@@ -43,6 +45,8 @@ from sockops_bpf.layout import (
     LocalPodKey,
     MeshCounter,
     OrigDstKey,
+    PolicyKeyC,
+    PolicyValueC,
     SockKey,
 )
 
@@ -375,3 +379,80 @@ def _ipcache_text(k: IpcacheKey) -> str:
 
 def open_mesh(pin_dir: Path) -> MeshMaps:
     return MeshMaps(pin_dir)
+
+
+# ---- Identity policy maps (maps.h "Identity policy") ---------------------------------------------
+
+POLICY_MAP_NAMES = ("policy", "policy_denies")
+
+
+class PolicyRuleKey(NamedTuple):
+    """A policy map key: (subject, peer, direction, proto) and a port prefix, `port` its first port and
+    `port_bits` its length (0: any port of proto, 16: one port)."""
+
+    subject: int
+    peer: int
+    direction: int
+    proto: int
+    port: int
+    port_bits: int
+
+
+class PolicyRuleValue(NamedTuple):
+    verdict: int  # POL_ALLOW / POL_DENY
+    rule: int
+
+
+def _policy_key(k: tuple[int, int, int, int, int, int]) -> PolicyKeyC:
+    subject, peer, direction, proto, port, bits = k
+    return PolicyKeyC(POL_ANY_PORT_PREFIXLEN + bits, subject, peer, direction, proto, socket.htons(port))
+
+
+def _policy_key_of(k: PolicyKeyC) -> PolicyRuleKey:
+    return PolicyRuleKey(int(k.subject), int(k.peer), int(k.direction), int(k.proto), socket.ntohs(k.port),
+                         int(k.prefixlen) - POL_ANY_PORT_PREFIXLEN)
+
+
+class PolicyMaps:
+    """The policy maps of an instance:
+      policy   PolicyRuleKey -> PolicyRuleValue   (LPM trie; written by the agent's compiler)
+      denies() rule -> denied attempts, summed over CPUs (kernel-written)
+    """
+
+    def __init__(self, pin_dir: Path) -> None:
+        self.pin_dir = pin_dir
+        self._fds: dict[str, int] = {}
+        try:
+            for name in POLICY_MAP_NAMES:
+                self._fds[name] = libbpf.obj_get(str(pin_dir / name))
+        except OSError as e:
+            self.close()
+            raise BpfError(f"cannot open the policy maps in {pin_dir} ({e.strerror}); is the instance loaded?") from e
+        self.policy: MutableMapping[tuple[int, int, int, int, int, int], tuple[int, int]] = _View(
+            self._fds["policy"], PolicyKeyC, PolicyValueC, _policy_key, _policy_key_of,
+            lambda v: PolicyValueC(v[0], v[1]), lambda v: PolicyRuleValue(int(v.verdict), int(v.rule)))
+
+    def denies(self) -> dict[int, int]:
+        possible = _possible_cpus() or os.cpu_count() or 1
+        out = {}
+        fd = self._fds["policy_denies"]
+        for k in libbpf.map_keys(fd, ct.c_uint32):  # type: ignore[arg-type]
+            vals = (ct.c_uint64 * possible)()
+            if libbpf.map_lookup(fd, k, vals):
+                out[int(k.value)] = int(sum(vals))  # type: ignore[attr-defined]
+        return out
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> PolicyMaps:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_policy(pin_dir: Path) -> PolicyMaps:
+    return PolicyMaps(pin_dir)

@@ -16,6 +16,9 @@
 #ifndef ECONNREFUSED
 #define ECONNREFUSED 111
 #endif
+#ifndef EACCES
+#define EACCES 13 /* a policy denied it: distinct from ECONNREFUSED (no such service or backend) */
+#endif
 
 /* bcc declares bpf_get_socket_cookie as returning u32; the cookie is 64 bits. */
 static __u64 (*lb_socket_cookie)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie;
@@ -135,23 +138,6 @@ static __always_inline __u16 lb_port(struct bpf_sock_addr *ctx)
     return bpf_ntohs((__u16)CTX_U32(ctx->user_port));
 }
 
-/* Capture (maps.h "The mesh"): does this TCP connection go to the pod's capture listener? Only an
- * enrolled pod whose capture listener is up (POD_F_CAPTURE), only to an enrolled pod on another node:
- * same-node traffic keeps the kernel fast path, and a peer outside the mesh gets plaintext. A connection
- * to port 15008 is HBONE already (a waypoint's, a test client's): it is never wrapped twice. */
-static __always_inline int mesh_wants_capture(struct bpf_sock_addr *ctx, __u32 proto, struct lb_addr *dst)
-{
-    if (proto != IPPROTO_TCP || dst->port == MESH_HBONE_PORT)
-        return 0;
-    struct local_pod_key pk = {};
-    pk.netns_cookie = bpf_get_netns_cookie(ctx);
-    struct local_pod *src = local_pods.lookup(&pk);
-    if (!src || !(src->flags & POD_F_CAPTURE))
-        return 0;
-    struct ipcache_entry *peer = ipcache_of(&dst->ip);
-    return peer && (peer->flags & IPC_F_MTLS) && !(peer->flags & IPC_F_LOCAL);
-}
-
 /* Keep the destination for sockops (-> orig_dst -> SO_ORIGINAL_DST); false if the socket has no storage. */
 static __always_inline int mesh_keep_capture_dst(struct bpf_sock_addr *ctx, struct lb_addr *dst)
 {
@@ -164,6 +150,57 @@ static __always_inline int mesh_keep_capture_dst(struct bpf_sock_addr *ctx, stru
     __builtin_memcpy(kept, dst, sizeof(*kept));
     mesh_count(MESH_CNT_CAPTURED);
     return 1;
+}
+
+/* Capture (maps.h "The mesh"): does this TCP connection go to the pod's capture listener? Only an
+ * enrolled pod whose capture listener is up (POD_F_CAPTURE), only to an enrolled pod on another node:
+ * same-node traffic keeps the kernel fast path, and a peer outside the mesh gets plaintext. A connection
+ * to port 15008 is HBONE already (a waypoint's, a test client's): it is never wrapped twice. */
+static __always_inline int mesh_wants_capture(struct local_pod *src, __u32 proto, struct lb_addr *dst,
+                                              struct ipcache_entry *peer)
+{
+    if (proto != IPPROTO_TCP || dst->port == MESH_HBONE_PORT)
+        return 0;
+    if (!src || !(src->flags & POD_F_CAPTURE))
+        return 0;
+    return peer && (peer->flags & IPC_F_MTLS) && !(peer->flags & IPC_F_LOCAL);
+}
+
+/* Identity policy (maps.h "Identity policy"), after load balancing picked the backend: the client
+ * pod's egress, and, when the backend lives on this node, the backend's ingress. Both ends are known
+ * to the kernel here: the client by its network namespace (a process outside any pod is HOST), the
+ * server by its address. Across nodes the receiving side decides its own ingress (ingress.c for
+ * plaintext, the node Envoy's RBAC for HBONE). */
+static __always_inline int policy_allows(struct local_pod *src, __u32 proto, struct lb_addr *dst,
+                                         struct ipcache_entry *peer)
+{
+    __u32 src_id = src ? src->identity : IDENTITY_HOST;
+    __u32 dst_id = peer ? peer->identity : IDENTITY_WORLD;
+    __u32 rule = 0;
+    if (src && policy_verdict(src_id, dst_id, POL_EGRESS, (__u8)proto, dst->port, &rule) == POL_DENY)
+        return 0;
+    if (peer && (peer->flags & IPC_F_LOCAL) &&
+        policy_verdict(dst_id, src_id, POL_INGRESS, (__u8)proto, dst->port, &rule) == POL_DENY)
+        return 0;
+    return 1;
+}
+
+/* What connect()/sendmsg() decided beyond the service LB. */
+#define MESH_DIRECT 0
+#define MESH_CAPTURE 1
+#define MESH_DENY 2
+
+static __always_inline int mesh_decide(struct bpf_sock_addr *ctx, __u32 proto, struct lb_addr *dst)
+{
+    struct local_pod_key pk = {};
+    pk.netns_cookie = bpf_get_netns_cookie(ctx);
+    struct local_pod *src = local_pods.lookup(&pk);
+    struct ipcache_entry *peer = ipcache_of(&dst->ip);
+    if (!policy_allows(src, proto, dst, peer))
+        return MESH_DENY;
+    if (mesh_wants_capture(src, proto, dst, peer) && mesh_keep_capture_dst(ctx, dst))
+        return MESH_CAPTURE;
+    return MESH_DIRECT;
 }
 
 /* Forward translation for an IPv4 destination; 1 = let the call proceed, 0 = refuse it.
@@ -186,7 +223,12 @@ static __always_inline int lb_forward4(struct bpf_sock_addr *ctx, __u32 proto)
         __builtin_memcpy(&be.ip, &key.vip, sizeof(be.ip));
         be.port = key.port;
     }
-    if (mesh_wants_capture(ctx, proto, &be) && mesh_keep_capture_dst(ctx, &be)) {
+    int mesh = mesh_decide(ctx, proto, &be);
+    if (mesh == MESH_DENY) {
+        bpf_set_retval(-EACCES);
+        return 0;
+    }
+    if (mesh == MESH_CAPTURE) {
         struct lb_addr cap = {};
         ip_from_v4(&cap.ip, bpf_htonl(0x7f000001)); /* 127.0.0.1 */
         cap.port = MESH_CAPTURE_PORT;
@@ -235,7 +277,12 @@ static __always_inline int lb_forward6(struct bpf_sock_addr *ctx, __u32 proto)
         __builtin_memcpy(&be.ip, &key.vip, sizeof(be.ip));
         be.port = key.port;
     }
-    if (mesh_wants_capture(ctx, proto, &be) && mesh_keep_capture_dst(ctx, &be)) {
+    int mesh = mesh_decide(ctx, proto, &be);
+    if (mesh == MESH_DENY) {
+        bpf_set_retval(-EACCES);
+        return 0;
+    }
+    if (mesh == MESH_CAPTURE) {
         struct lb_addr cap = {};
         cap.ip.addr[15] = 1; /* ::1 */
         cap.port = MESH_CAPTURE_PORT;

@@ -15,7 +15,7 @@ from sockops_bpf.loader import SRC_DIR
 pytestmark = pytest.mark.unit
 
 STRUCTS = {"ip_addr": layout.IpAddr, "endpoint_info": layout.EndpointInfo, "sock_key": layout.SockKey,
-           **layout.LB_STRUCTS, **layout.MESH_STRUCTS}
+           **layout.LB_STRUCTS, **layout.MESH_STRUCTS, **layout.POLICY_STRUCTS}
 CONSTANTS = {
     **{k: getattr(layout, k) for k in (
         "MAX_ENDPOINTS", "MAX_SOCKETS", "CNT_MAX", "EP_F_LOOPBACK",
@@ -23,7 +23,9 @@ CONSTANTS = {
         "LB_F_AFFINITY", "LB_SKIP_EXCLUDED", "LB_SKIP_ISTIO", "LB_CNT_MAX", "LB_MAX_CIDRS",
         "MESH_MAX_IPCACHE", "MESH_MAX_LOCAL_PODS", "MESH_MAX_ORIG_DST", "MESH_CAPTURE_PORT", "MESH_HBONE_PORT",
         "IPC_F_LOCAL", "IPC_F_MTLS", "IPC_F_STRICT", "IPC_F_HOST", "IDENTITY_UNKNOWN", "IDENTITY_HOST",
-        "IDENTITY_WORLD", "IDENTITY_REMOTE_NODE", "POD_F_CAPTURE", "MESH_CNT_MAX")},
+        "IDENTITY_WORLD", "IDENTITY_REMOTE_NODE", "POD_F_CAPTURE", "MESH_CNT_MAX",
+        "POL_MAX_ENTRIES", "POL_MAX_RULES", "POL_ANY_PORT_PREFIXLEN", "POL_INGRESS", "POL_EGRESS", "POL_ALLOW",
+        "POL_DENY")},
     **{f"CNT_{c.name}": int(c) for c in layout.Counter},
     **{f"LB_CNT_{c.name}": int(c) for c in layout.LbCounter},
     **{f"MESH_CNT_{c.name}": int(c) for c in layout.MeshCounter},
