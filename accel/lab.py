@@ -259,10 +259,11 @@ class Lab:
             self.run(pod.name, ["setsid", "-f", "sleep", "infinity"], stdin=subprocess.DEVNULL,
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
 
-    def attach_bpf(self, defines: dict[str, str] | None = None) -> None:
-        """Load the programs at each node's cgroup and register the node's pods (and loopback) as local."""
+    def attach_bpf(self, defines: dict[str, str] | None = None, src_dir: Path = loader.SRC_DIR) -> None:
+        """Load the programs at each node's cgroup and register the node's pods (and loopback) as local.
+        `src_dir`: the C sources to compile (tests load an older version, then upgrade)."""
         for node in self.nodes.values():
-            loader.load(node.instance, Path(node.cgroup), defines)
+            loader.load(node.instance, Path(node.cgroup), defines, src_dir)
             with open_pinned(loader.pin_dir(node.instance)) as maps:
                 for i, pod in enumerate(self.pods.values()):
                     if pod.node == node.name:

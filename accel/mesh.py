@@ -172,7 +172,9 @@ class LocalPodsReconciler:
             return None
         self.unresolved.discard(key)
         flags = POD_F_CAPTURE if key in self.capture_ready and sends_hbone(w) else 0
-        return ns.cookie, PodInfo(kernel_identity(w), flags)
+        ip4 = next((ip for ip in w.pod.ips if ":" not in ip), "")
+        ip6 = next((ip for ip in w.pod.ips if ":" in ip), "")
+        return ns.cookie, PodInfo(kernel_identity(w), flags, ip4, ip6)
 
     def _sync(self, key: ObjectKey) -> None:
         want = self._want(key)

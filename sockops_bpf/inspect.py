@@ -7,13 +7,14 @@ from typing import Any
 
 from sockops_bpf import libbpf, loader
 from sockops_bpf.cgroup import cgroup_path_by_id
-from sockops_bpf.layout import MAPS
+from sockops_bpf.layout import MAPS, pin_name
 from sockops_bpf.maps import LB_MAP_NAMES, MESH_MAP_NAMES, open_lb, open_mesh, open_pinned
 
 
 def describe(instance: str) -> dict[str, Any]:
     pdir = loader.pin_dir(instance)
-    doc: dict[str, Any] = {"instance": instance, "pin_dir": str(pdir), "attachments": [], "maps": {}}
+    doc: dict[str, Any] = {"instance": instance, "pin_dir": str(pdir), "attachments": [], "maps": {},
+                           "layouts": loader.layouts(instance)}
     links = {f"link_{name}": hook.kind or f"cgroup_{name.removeprefix('lb_')}" for name, hook in loader.HOOKS.items()}
     for link_name, hook in links.items():
         link_pin = pdir / link_name
@@ -32,8 +33,8 @@ def describe(instance: str) -> dict[str, Any]:
         finally:
             os.close(fd)
     for name in MAPS:
-        if (pdir / name).exists():
-            fd = libbpf.obj_get(str(pdir / name))
+        if (pdir / pin_name(name)).exists():
+            fd = libbpf.obj_get(str(pdir / pin_name(name)))
             try:
                 mi = libbpf.map_info(fd)
                 doc["maps"][name] = {"id": mi.id, "max_entries": mi.max_entries}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ctypes as ct
 import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import IntEnum
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -187,6 +189,15 @@ class LocalPodKey(ct.Structure):
 
 
 class LocalPod(ct.Structure):
+    """`struct local_pod`, layout 2: the pod's addresses came in (flows name a socket of the pod by them
+    when its own address says loopback: captured and refused connections)."""
+
+    _fields_ = [("identity", ct.c_uint32), ("flags", ct.c_uint32), ("ip4", IpAddr), ("ip6", IpAddr)]
+
+
+class LocalPodV1(ct.Structure):
+    """`struct local_pod` of layout 1, read by its migration."""
+
     _fields_ = [("identity", ct.c_uint32), ("flags", ct.c_uint32)]
 
 
@@ -205,7 +216,7 @@ class MeshCounter(IntEnum):
 
 MESH_STRUCTS: dict[str, type[ct.Structure]] = {
     "ipcache_key": IpcacheKey, "ipcache_entry": IpcacheEntry, "local_pod_key": LocalPodKey, "local_pod": LocalPod,
-    "orig_dst_key": OrigDstKey,
+    "local_pod_v1": LocalPodV1, "orig_dst_key": OrigDstKey,
 }
 MAPS.update({
     "ipcache": (IpcacheKey, IpcacheEntry),
@@ -242,3 +253,43 @@ MAPS.update({
     "policy": (PolicyKeyC, PolicyValueC),
     "policy_denies": (ct.c_uint32, ct.c_uint64),
 })
+
+
+# ---- Layout versions and migrations ----------------------------------------------------------------
+# A map whose key, value or size changes gets the next version here and in maps.h, where its pin becomes
+# <name>_v<N> (layout 1 keeps the bare name). Loading over pins of an older layout, the loader copies the
+# entries through the map's migration, then the new programs take over, then the old pin goes. A map
+# whose entries cannot be copied from user space (sock_hash holds sockets, sk_storage lives on them)
+# is never migrated: its old pin stays with the old programs attached to it, so connections spliced
+# before the upgrade drain on the old layout (as `accel uninstall` drains), and goes once empty.
+LAYOUT_VERSIONS: dict[str, int] = {"local_pods": 2}
+
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """How entries of one older layout become entries of the current one (None: dropped)."""
+
+    key: type[ct.Structure]  # the old key type
+    value: type[ct.Structure]  # the old value type
+    convert: Callable[[ct.Structure, ct.Structure], tuple[ct.Structure, ct.Structure] | None]
+
+
+def _local_pods_1_to_2(key: ct.Structure, value: ct.Structure) -> tuple[ct.Structure, ct.Structure]:
+    # The addresses are unknown to the old layout: zero until the agent's first sync writes them.
+    return key, LocalPod(value.identity, value.flags, IpAddr(), IpAddr())  # type: ignore[attr-defined]
+
+
+MIGRATIONS: dict[tuple[str, int], Migration] = {  # (map, from version) -> Migration
+    ("local_pods", 1): Migration(LocalPodKey, LocalPodV1, _local_pods_1_to_2),
+}
+
+
+def layout_version(name: str) -> int:
+    return LAYOUT_VERSIONS.get(name, 1)
+
+
+def pin_name(name: str, version: int | None = None) -> str:
+    """The pin of map `name` at a layout version (the current one by default)."""
+    v = layout_version(name) if version is None else version
+    return name if v == 1 else f"{name}_v{v}"

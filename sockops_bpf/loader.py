@@ -22,7 +22,7 @@ from sockops_bpf import libbpf
 from sockops_bpf.cgroup import cgroup2_root, cgroup_path_by_id, check_cgroup
 from sockops_bpf.errors import BpfError
 from sockops_bpf.headers import find_kernel_headers
-from sockops_bpf.layout import SockKey
+from sockops_bpf.layout import MAPS, MIGRATIONS, SockKey, layout_version, pin_name
 
 log = logging.getLogger("meshaccel.loader")
 
@@ -89,17 +89,17 @@ def _preflight() -> None:
         raise BpfError(f"no bpffs at {BPFFS}; mount it: mount -t bpf bpf {BPFFS}")
 
 
-def _compile(pdir: Path, defines: dict[str, str]) -> tuple[object, dict[str, int], float]:
+def _compile(pdir: Path, defines: dict[str, str], src_dir: Path = SRC_DIR) -> tuple[object, dict[str, int], float]:
     os.environ["BCC_KERNEL_SOURCE"] = str(find_kernel_headers())
     try:
         from bcc import BPF
     except ImportError as e:
         raise BpfError("bcc is not importable: install Debian's python3-bpfcc (scripts/setup.sh)") from e
     # One text, header first: bcc rewrites map calls only in the main text, not in #included files.
-    text = "\n".join((SRC_DIR / s).read_text() for s in ("maps.h", *SOURCES))
+    text = "\n".join((src_dir / s).read_text() for s in ("maps.h", *SOURCES) if (src_dir / s).exists())
     t0 = time.monotonic()
     try:
-        cflags = [f"-I{SRC_DIR}", f'-DPIN_DIR="{pdir}"', *(f"-D{k}={v}" for k, v in defines.items())]
+        cflags = [f"-I{src_dir}", f'-DPIN_DIR="{pdir}"', *(f"-D{k}={v}" for k, v in defines.items())]
         bpf = BPF(text=text.encode(), cflags=cflags)
     except Exception as e:  # bcc raises a bare Exception; clang's messages went to stderr
         raise BpfError(f"eBPF compile failed ({e}); see the compiler messages above") from e
@@ -118,16 +118,19 @@ def _repin(fd: int, path: Path) -> None:
     os.rename(tmp, path)
 
 
-def load(instance: str, cgroup: Path | None = None, defines: dict[str, str] | None = None) -> Loaded:
-    """Compile and attach; over an existing pin set, swap programs in place and keep the maps.
-    `defines` override compile-time tunables of the C sources (benchmarks compare variants)."""
+def load(instance: str, cgroup: Path | None = None, defines: dict[str, str] | None = None,
+         src_dir: Path = SRC_DIR) -> Loaded:
+    """Compile and attach; over an existing pin set, swap programs in place and keep the maps (moving the
+    entries of a map whose layout changed: `_migrate`). `defines` override compile-time tunables of the C
+    sources (benchmarks compare variants); `src_dir` is where they are (tests load an older version)."""
     _preflight()
     cg = check_cgroup(cgroup) if cgroup else cgroup2_root()
     pdir = pin_dir(instance)
     reused = (pdir / "sock_hash").exists()
     pdir.mkdir(parents=True, exist_ok=True)
     try:
-        bpf, fds, secs = _compile(pdir, defines or {})
+        bpf, fds, secs = _compile(pdir, defines or {}, src_dir)
+        old_layouts = _migrate(pdir)  # before the new programs look at the new maps
         for pin, fd in fds.items():
             _repin(fd, pdir / pin)
         # sk_msg on the map: replaces the map's program; sockets already in it keep the one they have.
@@ -139,12 +142,61 @@ def load(instance: str, cgroup: Path | None = None, defines: dict[str, str] | No
         for name, hook in HOOKS.items():
             _attach_cgroup(pdir, fds[f"prog_{name}"], cg, f"link_{name}", hook.attach_type)
         del bpf  # closes bcc's fds; pins and link keep everything alive
+        for old in old_layouts:  # the old programs are gone from the hooks: nothing reads these now
+            old.unlink()
     except BaseException:
         if not reused:
             _remove_pins(pdir)
         raise
     log.info("loaded instance=%s cgroup=%s compile_s=%.2f reused_maps=%s", instance, cg, secs, reused)
     return Loaded(instance, pdir, cg, secs, reused)
+
+
+def _migrate(pdir: Path) -> list[Path]:
+    """Copy the entries of maps pinned in an older layout into the current layout's maps (just created by
+    the compile); the old pins to remove once the new programs are attached. Maps whose entries user space
+    cannot copy (sockets) are never versioned (layout.py); an old layout without a migration is dropped."""
+    done = []
+    for name in MAPS:
+        current = layout_version(name)
+        for v in range(1, current):
+            old = pdir / pin_name(name, v)
+            if not old.exists() or not (pdir / pin_name(name)).exists():
+                continue  # nothing to move, or sources older than this layout table compiled (tests)
+            migration = MIGRATIONS.get((name, v))
+            moved = dropped = 0
+            if migration is not None:
+                src = libbpf.obj_get(str(old))
+                dst = libbpf.obj_get(str(pdir / pin_name(name)))
+                try:
+                    for k in libbpf.map_keys(src, migration.key):
+                        value = migration.value()
+                        if not libbpf.map_lookup(src, k, value):
+                            continue  # gone meanwhile
+                        new = migration.convert(k, value)
+                        if new is None:
+                            dropped += 1
+                            continue
+                        libbpf.map_update(dst, *new)
+                        moved += 1
+                finally:
+                    os.close(src)
+                    os.close(dst)
+            log.info("event=layout_migrated map=%s from=%d to=%d moved=%d dropped=%d%s", name, v, current, moved,
+                     dropped, "" if migration else " note=no_migration_entries_dropped")
+            done.append(old)
+    return done
+
+
+def layouts(instance: str) -> dict[str, dict[str, object]]:
+    """For `accel status`: every map's layout version, and pins of older layouts still there."""
+    pdir = pin_dir(instance)
+    out: dict[str, dict[str, object]] = {}
+    for name in MAPS:
+        v = layout_version(name)
+        older = [k for k in range(1, v) if (pdir / pin_name(name, k)).exists()]
+        out[name] = {"version": v, "pinned": (pdir / pin_name(name)).exists(), "older_pinned": older}
+    return out
 
 
 def _attach_cgroup(pdir: Path, prog_fd: int, cg: Path, link_name: str, attach_type: int) -> None:

@@ -1,5 +1,6 @@
 /* Map layouts shared by every meshaccel eBPF program. The Python mirror is sockops_bpf/layout.py;
- * tests/test_layout.py keeps the two equal (sizes and offsets). Addresses are always 16 bytes:
+ * tests/test_layout.py keeps the two equal (sizes, offsets, and pin names, which carry each map's
+ * layout version: see layout.py LAYOUT_VERSIONS for how an upgrade moves entries to a new layout). Addresses are always 16 bytes:
  * IPv4 is stored IPv4-mapped (::ffff:a.b.c.d), so dual-stack needs no second set of maps.
  *
  * The loader compiles this header and the program files as one text: bcc rewrites map calls only
@@ -290,9 +291,18 @@ struct local_pod_key {
     __u64 netns_cookie;
 };
 
+/* Layout 2 (sockops_bpf/layout.py LAYOUT_VERSIONS: the pin is local_pods_v2). */
 struct local_pod {
     __u32 identity;
-    __u32 flags; /* POD_F_* */
+    __u32 flags;        /* POD_F_* */
+    struct ip_addr ip4; /* the pod's addresses (zero when it has none of that family): what flows name */
+    struct ip_addr ip6; /* a socket of the pod by when its own address says loopback */
+};
+
+/* Layout 1 of local_pods, read by its migration (layout.py MIGRATIONS). */
+struct local_pod_v1 {
+    __u32 identity;
+    __u32 flags;
 };
 #define POD_F_CAPTURE 1 /* enrolled, and this node's Envoy has its capture listener: send to other nodes by HBONE */
 
@@ -318,7 +328,7 @@ enum mesh_counter {
 BPF_TABLE_PINNED7("lpm_trie", struct ipcache_key, struct ipcache_entry, ipcache, MESH_MAX_IPCACHE,
                   PIN_DIR "/ipcache", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED7("hash", struct local_pod_key, struct local_pod, local_pods, MESH_MAX_LOCAL_PODS,
-                  PIN_DIR "/local_pods", BPF_F_NO_PREALLOC);
+                  PIN_DIR "/local_pods_v2", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lru_hash", struct orig_dst_key, struct lb_addr, orig_dst, MESH_MAX_ORIG_DST, PIN_DIR "/orig_dst");
 BPF_TABLE_PINNED("percpu_array", int, __u64, mesh_counters, MESH_CNT_MAX, PIN_DIR "/mesh_counters");
 

@@ -48,6 +48,7 @@ from sockops_bpf.layout import (
     PolicyKeyC,
     PolicyValueC,
     SockKey,
+    pin_name,
 )
 
 
@@ -319,10 +320,17 @@ class AddressInfo:
 
 @dataclass(frozen=True, slots=True)
 class PodInfo:
-    """A pod of this node, found by its network namespace (local_pods): identity and POD_F_* flags."""
+    """A pod of this node, found by its network namespace (local_pods): identity, POD_F_* flags, and its
+    addresses ("" when it has none of that family)."""
 
     identity: int
     flags: int
+    ip4: str = ""
+    ip6: str = ""
+
+
+def _ip_or_empty(a: IpAddr) -> str:
+    return "" if not any(a.addr) else str(a.to_ip())
 
 
 class MeshMaps:
@@ -337,7 +345,7 @@ class MeshMaps:
         self._fds: dict[str, int] = {}
         try:
             for name in MESH_MAP_NAMES:
-                self._fds[name] = libbpf.obj_get(str(pin_dir / name))
+                self._fds[name] = libbpf.obj_get(str(pin_dir / pin_name(name)))
         except OSError as e:
             self.close()
             raise BpfError(f"cannot open the mesh maps in {pin_dir} ({e.strerror}); is the instance loaded?") from e
@@ -347,7 +355,9 @@ class MeshMaps:
             lambda v: IpcacheEntry(v.identity, v.flags), lambda v: AddressInfo(int(v.identity), int(v.flags)))
         self.local_pods: MutableMapping[int, PodInfo] = _View(
             f["local_pods"], LocalPodKey, LocalPod, LocalPodKey, lambda k: int(k.netns_cookie),
-            lambda v: LocalPod(v.identity, v.flags), lambda v: PodInfo(int(v.identity), int(v.flags)))
+            lambda v: LocalPod(v.identity, v.flags, IpAddr.from_ip(v.ip4) if v.ip4 else IpAddr(),
+                               IpAddr.from_ip(v.ip6) if v.ip6 else IpAddr()),
+            lambda v: PodInfo(int(v.identity), int(v.flags), _ip_or_empty(v.ip4), _ip_or_empty(v.ip6)))
         self.orig_dst: MutableMapping[tuple[int, str, int], Backend] = _View(
             f["orig_dst"], OrigDstKey, LbAddr,
             lambda k: OrigDstKey(k[0], IpAddr.from_ip(k[1]), k[2], 0, 0),

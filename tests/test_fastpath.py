@@ -14,7 +14,7 @@ import pytest
 
 from accel.lab import Lab
 from sockops_bpf import libbpf, loader
-from sockops_bpf.layout import MAPS
+from sockops_bpf.layout import MAPS, pin_name
 from sockops_bpf.maps import open_pinned
 from tests import traffic
 
@@ -131,7 +131,7 @@ def test_unmanaged_peer_falls_back_to_tcp(make_lab: Callable[..., Any]) -> None:
 def test_kernel_map_sizes_match_the_python_mirror(make_lab: Callable[..., Any]) -> None:
     lab: Lab = make_lab(1)
     for name, (key_type, value_type) in MAPS.items():
-        fd = libbpf.obj_get(str(loader.pin_dir(lab.instance) / name))
+        fd = libbpf.obj_get(str(loader.pin_dir(lab.instance) / pin_name(name)))
         try:
             info = libbpf.map_info(fd)
         finally:

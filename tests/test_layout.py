@@ -71,3 +71,15 @@ def test_ipv4_is_stored_ipv4_mapped() -> None:
     assert bytes(a.addr) == bytes(10) + b"\xff\xff" + bytes([10, 1, 2, 3])
     assert str(a.to_ip()) == "10.1.2.3"
     assert str(layout.IpAddr.from_ip("fd00::1").to_ip()) == "fd00::1"
+
+
+def test_every_pinned_map_is_pinned_under_its_layout_version() -> None:
+    """maps.h pins each map at <name> (layout 1) or <name>_v<N>; layout.py says which N, and the loader
+    and the map views open pins by that name (a layout change that forgets one side fails here)."""
+    import re
+
+    text = (SRC_DIR / "maps.h").read_text()
+    pinned = set(re.findall(r'PIN_DIR "/(\w+)"', text))
+    assert pinned == {layout.pin_name(name) for name in layout.MAPS}
+    for (name, version), _migration in layout.MIGRATIONS.items():
+        assert version < layout.layout_version(name), f"a migration of {name} from its current layout"
