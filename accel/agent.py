@@ -92,7 +92,8 @@ class Agent:
     def __init__(self, config: AgentConfig, source: Source, local_endpoints: MutableMapping[str, int], *,
                  reconciler: type[LocalEndpointsReconciler] = LocalEndpointsReconciler,
                  cert_manager: CertManager | None = None, lb_tables: LbTables | None = None,
-                 mesh_tables: MeshTables | None = None) -> None:
+                 mesh_tables: MeshTables | None = None, flow_events: Path | None = None) -> None:
+        """`flow_events`: the pin folder whose eBPF flow events the agent reads (None: no kernel flows)."""
         self.config = config
         self.source = source
         self.metrics = Metrics()
@@ -142,6 +143,8 @@ class Agent:
             self.state.subscribe(self.xds.on_change)
         # Flows (accel/agent_flows.py): producers call self.flows.record(flow); served at /flows.
         self.flows = AgentFlows(config.node, self.state, config.flows_kept, config.als_listen, self.report_problem)
+        if flow_events is not None:
+            self.flows.attach_kernel(flow_events, self._l7_listeners)
         self._queue: queue.SimpleQueue[tuple[object, float]] = queue.SimpleQueue()
         self._stop = threading.Event()
         self.ready = threading.Event()
@@ -253,6 +256,12 @@ class Agent:
             except Exception:  # a bug must not stop the agent following the cluster; it is logged and counted
                 log.exception("event=apply_failed batch=%d", len(batch))
                 self.metrics.errors.labels("apply", "exception").inc()
+
+    def _l7_listeners(self) -> set[str]:
+        """Where the node Envoy listens for L7 services (a kernel flow there is an L7 flow)."""
+        if self.xds is None:
+            return set()
+        return {f"{ip}:{port}" for ip, port in self.xds.announced.l7_targets.values()}
 
     def _seed_announcement(self, cs: ChangeSet) -> None:
         """At the first sync, after local_pods adopted the map: the pods captured before we started."""

@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -23,6 +24,7 @@ from accel.errors import UserError
 from accel.flows import DEFAULT_CAPACITY, Flow, FlowStore
 from accel.flows_envoy import EnvoyFlows
 from accel.flows_http import FlowStreams
+from accel.flows_kernel import KernelFlows
 from accel.flows_metrics import IstioMetrics
 from accel.flows_resolve import EndpointResolver
 from accel.state.store import ClusterState
@@ -41,6 +43,7 @@ class AgentFlows:
         self.envoy = EnvoyFlows(self.store, self.resolver, on_problem)
         self.als_listen = als_listen
         self.als = AccessLogServer(self.envoy.on_message) if als_listen else None
+        self.kernel: KernelFlows | None = None  # the eBPF ring buffer's reader (attach_kernel)
         self._stop = threading.Event()
         self.streams = FlowStreams(self.store, self._stop)
         self.registry = CollectorRegistry()
@@ -53,8 +56,15 @@ class AgentFlows:
     def record_many(self, flows: Iterable[Flow]) -> None:
         self.store.extend(flows)
 
+    def attach_kernel(self, pin_dir: Path, l7_listeners: Callable[[], set[str]],
+                      rule_name: Callable[[int], str] = str) -> None:
+        """Read the kernel's flows from the instance pinned in `pin_dir` once started."""
+        self.kernel = KernelFlows(pin_dir, self.resolver, self.record_many, l7_listeners, rule_name)
+
     # --- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
+        if self.kernel is not None:
+            self.kernel.start()
         if self.als is not None and self.als_listen is not None:
             try:
                 bound = self.als.start(self.als_listen)
@@ -65,12 +75,14 @@ class AgentFlows:
 
     def stop(self) -> None:
         self._stop.set()
+        if self.kernel is not None:
+            self.kernel.stop()
         self.store.close()
         if self.als is not None:
             self.als.stop()
 
     def alive(self) -> bool:
-        return self.als is None or self.als.alive()
+        return (self.als is None or self.als.alive()) and (self.kernel is None or self.kernel.alive())
 
     # --- serving ------------------------------------------------------------------------------
     def serve_http(self, handler: BaseHTTPRequestHandler) -> None:
@@ -86,6 +98,7 @@ class AgentFlows:
             **self.store.stats(),
             "streams_open": self.streams.open_streams,
             "istio_series": self.istio.series(),
+            "kernel": None if self.kernel is None else {"read": self.kernel.read, **self.kernel.counters()},
             "access_log": None if als is None else {
                 "address": als.address, "streams": als.streams, "messages": als.messages,
                 "malformed_messages": als.malformed_messages, **self.envoy.status()},
@@ -106,6 +119,12 @@ class _FlowCollector(Collector):
         yield CounterMetricFamily("meshaccel_flow_subscriber_drops",
                                   "Flows dropped for /flows readers that fell behind", value=st["subscriber_drops"])
         yield GaugeMetricFamily("meshaccel_flow_streams", "Open /flows streams", value=f.streams.open_streams)
+        if f.kernel is not None:
+            events = CounterMetricFamily("meshaccel_flow_events", "Flow events of the eBPF programs: emitted, or "
+                                         "dropped because the ring buffer was full", labels=["result"])
+            for name, n in f.kernel.counters().items():
+                events.add_metric([name], n)
+            yield events
         if f.als is not None:
             als, env = f.als.status(), f.envoy.status()
             entries = CounterMetricFamily("meshaccel_access_log_entries",

@@ -27,6 +27,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from envoy.config.accesslog.v3 import accesslog_pb2
+
 from accel.agent_certs import CertsReconciler, wants_certificate
 from accel.mesh import sends_hbone
 from accel.mesh_xds import MeshPod, baggage_of, mesh_resources
@@ -109,7 +111,7 @@ class XdsBridge:
         # Access logs: a JSON file (--envoy-access-log) and/or the agent's ALS server (--als-listen: flows).
         files = [R.file_access_log(access_log_path)] if access_log_path else []
         self.als_cluster = als_cluster(als_address) if als_address else None
-        self.outbound_log = files + ([tcp_access_log("tunnel", "outbound", upstream_peer=True)] if als_address else [])
+        self.file_log = files
         self.inbound_log = files + ([http_access_log("tunnel", "inbound")] if als_address else [])
         self.als = als_address is not None
         self.cache = SnapshotCache()
@@ -203,7 +205,7 @@ class XdsBridge:
         res = translate(services, slices, routes, L7Options(listener_address=l7_address))
         self.ports.sweep()
         mesh_pods = self._mesh_pods()
-        mesh, secret_names = mesh_resources(mesh_pods, self.trust_domain, self.outbound_log, self.inbound_log)
+        mesh, secret_names = mesh_resources(mesh_pods, self.trust_domain, self._outbound_log, self.inbound_log)
         for p in mesh_pods:
             listeners[f"capture {p.key.namespace}/{p.key.name}"] = "127.0.0.1:15001 (in the pod)"
             listeners[f"hbone {p.key.namespace}/{p.key.name} {p.spiffe_id}"] = ", ".join(f"{ip}:15008" for ip in p.ips)
@@ -238,6 +240,15 @@ class XdsBridge:
                  self.node, snap.version, len(res.listeners), len(res.clusters), len(secrets),
                  self.last_build_seconds)
         return True
+
+    def _outbound_log(self, pod: MeshPod) -> list[accesslog_pb2.AccessLog]:
+        """A pod's capture listener: its flows start at the pod (not at its loopback) and end where the app
+        was going (not at the HBONE hop), with the server's identity from its certificate."""
+        if not self.als:
+            return list(self.file_log)
+        source = next((ip for ip in pod.ips if ":" not in ip), pod.ips[0])
+        return [*self.file_log, tcp_access_log("tunnel", "outbound", upstream_peer=True, source_ip=source,
+                                               original_destination=True)]
 
     def _mesh_pods(self) -> list[MeshPod]:
         """Enrolled pods of this node that can have their listeners now: SVID issued, namespace known."""

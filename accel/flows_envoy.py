@@ -32,7 +32,7 @@ from envoy.service.accesslog.v3 import als_pb2
 
 from accel.flows import Endpoint, Flow, FlowStore
 from accel.flows_resolve import EndpointResolver
-from xds.access_log import TAG_PATH, TAG_SERVICE, TAG_UPSTREAM_PEER
+from xds.access_log import TAG_DESTINATION, TAG_PATH, TAG_SERVICE, TAG_SOURCE_IP, TAG_UPSTREAM_PEER
 from xds.als import StreamIdentity
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,11 @@ class EnvoyFlows:
         down = _address(c.downstream_remote_address)
         if down is None:
             raise MalformedEntry("no downstream IP address")
+        if tags.get(TAG_SOURCE_IP):  # a capture leg: the downstream is the pod's loopback
+            down = (_canonical_ip(tags[TAG_SOURCE_IP]), down[1])
         up = _address(c.upstream_remote_address)
+        if tags.get(TAG_DESTINATION) == "original":  # where the app was going, not the HBONE hop
+            up = None
         local = _address(c.downstream_local_address) if up is None else None
         target = up or local
         if target is None:

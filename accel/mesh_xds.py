@@ -10,7 +10,7 @@ So the config grows with the pods of this node, never with the pods of the clust
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from envoy.config.accesslog.v3 import accesslog_pb2
@@ -56,10 +56,10 @@ def baggage_of(w: Workload) -> str:
 
 
 def mesh_resources(pods: Iterable[MeshPod], trust_domain: str,
-                   outbound_log: Sequence[accesslog_pb2.AccessLog] = (),
+                   outbound_log: Callable[[MeshPod], Sequence[accesslog_pb2.AccessLog]] = lambda _p: (),
                    inbound_log: Sequence[accesslog_pb2.AccessLog] = ()) -> tuple[Resources, list[str]]:
     """The HBONE listeners and clusters for `pods`, and the secret names they need (SPIFFE IDs).
-    `outbound_log`/`inbound_log`: access logs of the capture (TCP) and HBONE (HTTP) listeners."""
+    `outbound_log(pod)`/`inbound_log`: access logs of the capture (TCP) and HBONE (HTTP) listeners."""
     listeners, clusters, identities = [], {}, set()
     for p in sorted(pods, key=lambda p: p.key):
         cluster = origination_cluster_name(p.spiffe_id)
@@ -68,7 +68,7 @@ def mesh_resources(pods: Iterable[MeshPod], trust_domain: str,
         identities.add(p.spiffe_id)
         source_ip = next((ip for ip in p.ips if ":" not in ip), p.ips[0])
         listeners.append(hbone.capture_listener(capture_listener_name(p.key), p.netns, cluster, source_ip,
-                                                p.baggage, outbound_log))
+                                                p.baggage, outbound_log(p)))
         listeners.append(hbone.inbound_listener(inbound_listener_name(p.key), p.ips, p.netns, p.spiffe_id,
                                                 trust_name(p.spiffe_id), trust_domain, DELIVERY_CLUSTER,
                                                 access_log=inbound_log))

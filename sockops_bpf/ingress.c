@@ -17,6 +17,7 @@
 struct l4_view {
     struct ip_addr src;
     struct ip_addr dst;
+    __u16 sport;
     __u16 dport;
     __u8 proto; /* IPPROTO_TCP or IPPROTO_UDP */
     __u8 flags; /* TCP flags byte */
@@ -52,13 +53,35 @@ static __always_inline int l4_view(struct __sk_buff *skb, struct l4_view *v)
     }
     if (v->proto != IPPROTO_TCP && v->proto != IPPROTO_UDP)
         return -1;
-    __u16 dport;
-    if (bpf_skb_load_bytes(skb, l4 + 2, &dport, 2) < 0)
+    __u16 ports[2];
+    if (bpf_skb_load_bytes(skb, l4, ports, 4) < 0)
         return -1;
-    v->dport = bpf_ntohs(dport);
+    v->sport = bpf_ntohs(ports[0]);
+    v->dport = bpf_ntohs(ports[1]);
     if (v->proto == IPPROTO_TCP && bpf_skb_load_bytes(skb, l4 + 13, &v->flags, 1) < 0)
         return -1;
     return 0;
+}
+
+/* A packet refused here, as a flow (maps.h "Flows"). */
+static __always_inline void flow_refused_here(struct l4_view *v, __u32 src_identity, __u32 dst_identity, __u8 reason,
+                                              __u32 rule)
+{
+#if FLOW_EVENTS
+    struct flow_event *e = flow_new(FLOW_REFUSED);
+    if (!e)
+        return;
+    e->proto = v->proto;
+    e->reason = reason;
+    e->rule = rule;
+    __builtin_memcpy(&e->src, &v->src, sizeof(e->src));
+    __builtin_memcpy(&e->dst, &v->dst, sizeof(e->dst));
+    e->sport = v->sport;
+    e->dport = v->dport;
+    e->src_identity = src_identity;
+    e->dst_identity = dst_identity;
+    flow_send(e);
+#endif
 }
 
 int mesh_ingress(struct __sk_buff *skb)
@@ -76,13 +99,16 @@ int mesh_ingress(struct __sk_buff *skb)
         return 1;
     if (v.proto == IPPROTO_TCP && v.dport == MESH_HBONE_PORT && (dst->flags & IPC_F_MTLS))
         return 1; /* HBONE: mTLS and the peer's certificate are the node Envoy's to check */
+    __u32 src_id = src ? src->identity : IDENTITY_WORLD;
     if (v.proto == IPPROTO_TCP && (dst->flags & IPC_F_STRICT)) {
         mesh_count(MESH_CNT_STRICT_DROPPED);
+        flow_refused_here(&v, src_id, dst->identity, FLOW_REASON_STRICT_PLAINTEXT, 0);
         return 0;
     }
     __u32 rule = 0;
-    __u32 src_id = src ? src->identity : IDENTITY_WORLD;
-    if (policy_verdict(dst->identity, src_id, POL_INGRESS, v.proto, v.dport, &rule) == POL_DENY)
+    if (policy_verdict(dst->identity, src_id, POL_INGRESS, v.proto, v.dport, &rule) == POL_DENY) {
+        flow_refused_here(&v, src_id, dst->identity, FLOW_REASON_POLICY, rule);
         return 0;
+    }
     return 1;
 }

@@ -293,3 +293,40 @@ def pin_name(name: str, version: int | None = None) -> str:
     """The pin of map `name` at a layout version (the current one by default)."""
     v = layout_version(name) if version is None else version
     return name if v == 1 else f"{name}_v{v}"
+
+
+# ---- Flows (maps.h "Flows") ------------------------------------------------------------------------
+FLOW_RING_BYTES = 4 << 20
+FLOW_OPEN, FLOW_CLOSE, FLOW_REFUSED = 1, 2, 3
+FLOW_PATH_TCP, FLOW_PATH_SPLICED, FLOW_PATH_TUNNEL, FLOW_PATH_UDP = 1, 2, 3, 4
+FLOW_REASON_NO_BACKEND, FLOW_REASON_NO_SERVICE, FLOW_REASON_POLICY, FLOW_REASON_STRICT_PLAINTEXT = 1, 2, 3, 4
+FLOW_F_BYTES_LOWER_BOUND = 1
+FLOW_CNT_MAX = 4
+
+
+class FlowEvent(ct.Structure):
+    _fields_ = [("time_ns", ct.c_uint64), ("cookie", ct.c_uint64), ("bytes_sent", ct.c_uint64),
+                ("bytes_received", ct.c_uint64), ("duration_ns", ct.c_uint64), ("src", IpAddr), ("dst", IpAddr),
+                ("svc", IpAddr), ("src_identity", ct.c_uint32), ("dst_identity", ct.c_uint32), ("rule", ct.c_uint32),
+                ("sport", ct.c_uint16), ("dport", ct.c_uint16), ("svc_port", ct.c_uint16), ("kind", ct.c_uint8),
+                ("path", ct.c_uint8), ("reason", ct.c_uint8), ("proto", ct.c_uint8), ("flags", ct.c_uint8),
+                ("pad", ct.c_uint8)]
+
+
+class FlowState(ct.Structure):
+    _fields_ = [("start_ns", ct.c_uint64), ("spliced_bytes", ct.c_uint64), ("src", IpAddr), ("dst", IpAddr),
+                ("svc", IpAddr), ("src_identity", ct.c_uint32), ("dst_identity", ct.c_uint32), ("sport", ct.c_uint16),
+                ("dport", ct.c_uint16), ("svc_port", ct.c_uint16), ("path", ct.c_uint8), ("client", ct.c_uint8),
+                ("spliced", ct.c_uint8), ("pad", ct.c_uint8 * 7)]
+
+
+class FlowCounter(IntEnum):
+    EMITTED = 0
+    DROPPED = 1
+
+
+FLOW_STRUCTS: dict[str, type[ct.Structure]] = {"flow_event": FlowEvent, "flow_state": FlowState}
+MAPS.update({
+    "flow_counters": (ct.c_int, ct.c_uint64),
+    "flow_state": (ct.c_int, FlowState),
+})

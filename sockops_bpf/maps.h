@@ -432,4 +432,147 @@ static __always_inline __u32 policy_verdict(__u32 subject, __u32 peer, __u8 dire
 #endif /* MESHACCEL_LAYOUT_ONLY */
 /* ---- end of identity policy ---- */
 
+
+/* ---- Flows: one event per connection opened, closed or refused (accel/flows_kernel.py reads them) ------
+ * Into a ring buffer; a full buffer drops the event and counts it, it never blocks or slows a socket.
+ * Reported once per node: by the client's socket when the client is a pod of this node, else by the
+ * server's when the client is elsewhere; never a pod's loopback, never a tunnel (a captured connection
+ * and HBONE's legs: the node Envoy reports those, with exact bytes and the certificates' identities). A reported socket carries its flow in socket storage (flow_state) and asks for
+ * state callbacks (a handful per connection, none per packet) so its close is reported with bytes and
+ * duration. Bytes are TCP's own counters; a spliced socket's bytes bypass TCP, so what it reports is a
+ * lower bound: the size of the sendmsg() calls that ran the sk_msg program (each verdict covers up to
+ * REDIRECT_APPLY_BYTES more), flagged FLOW_F_BYTES_LOWER_BOUND. */
+#ifndef FLOW_EVENTS
+#define FLOW_EVENTS 1 /* 0 compiles every event out (bench observe measures their cost) */
+#endif
+#define FLOW_RING_BYTES (4 << 20)
+#define FLOW_OPEN 1
+#define FLOW_CLOSE 2
+#define FLOW_REFUSED 3
+#define FLOW_PATH_TCP 1
+#define FLOW_PATH_SPLICED 2
+#define FLOW_PATH_TUNNEL 3 /* captured: to the node Envoy, then HBONE */
+#define FLOW_PATH_UDP 4
+#define FLOW_REASON_NO_BACKEND 1
+#define FLOW_REASON_NO_SERVICE 2
+#define FLOW_REASON_POLICY 3
+#define FLOW_REASON_STRICT_PLAINTEXT 4
+#define FLOW_F_BYTES_LOWER_BOUND 1
+
+struct flow_event {
+    __u64 time_ns; /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+    __u64 cookie;  /* the reporting socket's cookie (0 for a refused packet) */
+    __u64 bytes_sent;     /* close: from the client's side of the flow */
+    __u64 bytes_received;
+    __u64 duration_ns;
+    struct ip_addr src; /* the client: a pod's own address even when its socket says loopback */
+    struct ip_addr dst; /* the server actually reached (a captured connection: its original destination) */
+    struct ip_addr svc; /* the service address the application asked for, when the LB translated it */
+    __u32 src_identity;
+    __u32 dst_identity;
+    __u32 rule; /* refused by policy: the rule that decided */
+    __u16 sport;
+    __u16 dport;
+    __u16 svc_port;
+    __u8 kind;   /* FLOW_OPEN, FLOW_CLOSE, FLOW_REFUSED */
+    __u8 path;   /* FLOW_PATH_* */
+    __u8 reason; /* refused: FLOW_REASON_* */
+    __u8 proto;  /* IPPROTO_TCP or IPPROTO_UDP */
+    __u8 flags;  /* FLOW_F_* */
+    __u8 pad;
+};
+
+/* What a reported socket remembers of its flow, for its close. */
+struct flow_state {
+    __u64 start_ns;
+    __u64 spliced_bytes; /* redirected by this socket's sk_msg verdicts: a lower bound */
+    struct ip_addr src;
+    struct ip_addr dst;
+    struct ip_addr svc;
+    __u32 src_identity;
+    __u32 dst_identity;
+    __u16 sport;
+    __u16 dport;
+    __u16 svc_port;
+    __u8 path;
+    __u8 client;  /* 1: this socket is the client's (bytes sent are the client's) */
+    __u8 spliced; /* 1: in sock_hash, its bytes bypass TCP's counters (reported as a lower bound) */
+    __u8 pad[7];
+};
+
+enum flow_counter {
+    FLOW_CNT_EMITTED = 0,
+    FLOW_CNT_DROPPED = 1, /* the ring buffer was full: the event is lost, the connection is not */
+    FLOW_CNT_MAX = 4,
+};
+
+#ifndef MESHACCEL_LAYOUT_ONLY
+/* bcc's BPF_RINGBUF_OUTPUT table shape with a pinned section (as for sock_hash). */
+struct flow_events_table_t {
+    int key;
+    u32 leaf;
+    int (*ringbuf_output)(void *, u64, u64);
+    void *(*ringbuf_reserve)(u64);
+    void (*ringbuf_discard)(void *, u64);
+    void (*ringbuf_submit)(void *, u64);
+    u32 max_entries;
+};
+__attribute__((section("maps/ringbuf:" PIN_DIR "/flow_events")))
+struct flow_events_table_t flow_events = {.max_entries = FLOW_RING_BYTES};
+BPF_TABLE_PINNED("percpu_array", int, __u64, flow_counters, FLOW_CNT_MAX, PIN_DIR "/flow_counters");
+/* One event under construction per CPU: it is too big for the 512-byte stack next to the rest. */
+BPF_TABLE("percpu_array", int, struct flow_event, flow_scratch, 1);
+
+struct flow_state_table_t {
+    int key;
+    struct flow_state leaf;
+    void *(*sk_storage_get)(void *, void *, int);
+    int (*sk_storage_delete)(void *);
+    u32 flags;
+};
+__attribute__((section("maps/sk_storage:" PIN_DIR "/flow_state")))
+struct flow_state_table_t flow_state = {.flags = BPF_F_NO_PREALLOC};
+BPF_ANNOTATE_KV_PAIR(flow_state, int, struct flow_state);
+
+static __always_inline void flow_count(int which)
+{
+    __u64 *v = flow_counters.lookup(&which);
+    if (v)
+        *v += 1;
+}
+
+/* A zeroed event of `kind`, or NULL (never, but the verifier wants the check). */
+static __always_inline struct flow_event *flow_new(__u8 kind)
+{
+    int zero = 0;
+    struct flow_event *e = flow_scratch.lookup(&zero);
+    if (!e)
+        return 0;
+    __builtin_memset(e, 0, sizeof(*e));
+    e->kind = kind;
+    e->time_ns = bpf_ktime_get_ns();
+    return e;
+}
+
+static __always_inline void flow_send(struct flow_event *e)
+{
+    int err = flow_events.ringbuf_output(e, sizeof(*e), 0);
+    flow_count(err == 0 ? FLOW_CNT_EMITTED : FLOW_CNT_DROPPED);
+}
+
+static __always_inline int ip_is_v4(struct ip_addr *ip)
+{
+    return ip->addr[10] == 0xff && ip->addr[11] == 0xff;
+}
+
+static __always_inline int ip_is_loopback(struct ip_addr *ip)
+{
+    if (ip_is_v4(ip))
+        return ip->addr[12] == 127;
+    __u32 *w = (__u32 *)ip->addr;
+    return w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == bpf_htonl(1);
+}
+#endif /* MESHACCEL_LAYOUT_ONLY */
+/* ---- end of flows ---- */
+
 #endif

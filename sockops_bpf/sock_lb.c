@@ -26,6 +26,7 @@ static __u64 (*lb_socket_cookie)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie
 #define LB_PASS 0       /* not a service, or a client that keeps service addresses */
 #define LB_TRANSLATED 1 /* *out holds the backend */
 #define LB_REFUSE 2     /* a service with no usable backend */
+#define LB_REFUSE_NO_SERVICE 3 /* an address of a service range that is no service */
 
 /* Clients that keep service addresses (Istio needs the VIP; meshaccel.io/exclude). */
 static __always_inline int lb_skipped(struct bpf_sock_addr *ctx, __u64 netns_cookie)
@@ -52,7 +53,7 @@ static __always_inline int lb_pick(struct bpf_sock_addr *ctx, struct lb_svc_key 
         if (!in_range || lb_skipped(ctx, netns_cookie))
             return LB_PASS;
         lb_count(LB_CNT_NO_SERVICE);
-        return LB_REFUSE;
+        return LB_REFUSE_NO_SERVICE;
     }
     if (lb_skipped(ctx, netns_cookie))
         return LB_PASS;
@@ -152,6 +153,53 @@ static __always_inline int mesh_keep_capture_dst(struct bpf_sock_addr *ctx, stru
     return 1;
 }
 
+/* A connect()/sendmsg() refused, as a flow (maps.h "Flows"). `front`: what the application asked for;
+`dst`: the backend it would have reached (the service address itself when there was none). */
+static __always_inline void flow_refused_at_connect(struct bpf_sock_addr *ctx, __u32 proto, struct local_pod *src,
+                                                    struct lb_addr *dst, __u32 dst_identity,
+                                                    struct lb_svc_key *front, __u8 reason, __u32 rule)
+{
+#if FLOW_EVENTS
+    struct flow_event *e = flow_new(FLOW_REFUSED);
+    if (!e)
+        return;
+    e->cookie = lb_socket_cookie(ctx);
+    e->proto = (__u8)proto;
+    e->reason = reason;
+    e->rule = rule;
+    e->src_identity = src ? src->identity : IDENTITY_HOST;
+    if (src)
+        __builtin_memcpy(&e->src, ip_is_v4(&dst->ip) ? &src->ip4 : &src->ip6, sizeof(e->src));
+    __builtin_memcpy(&e->dst, &dst->ip, sizeof(e->dst));
+    e->dport = dst->port;
+    e->dst_identity = dst_identity;
+    if (front) {
+        __builtin_memcpy(&e->svc, &front->vip, sizeof(e->svc));
+        e->svc_port = front->port;
+    }
+    flow_send(e);
+#endif
+}
+
+static __always_inline struct local_pod *connecting_pod(struct bpf_sock_addr *ctx)
+{
+    struct local_pod_key pk = {};
+    pk.netns_cookie = bpf_get_netns_cookie(ctx);
+    return local_pods.lookup(&pk);
+}
+
+/* Refused by the service LB: no backend, or no such service in a service range. */
+static __always_inline void lb_refused(struct bpf_sock_addr *ctx, __u32 proto, struct lb_svc_key *key, int r)
+{
+#if FLOW_EVENTS
+    struct lb_addr front = {};
+    __builtin_memcpy(&front.ip, &key->vip, sizeof(front.ip));
+    front.port = key->port;
+    flow_refused_at_connect(ctx, proto, connecting_pod(ctx), &front, IDENTITY_UNKNOWN, key,
+                            r == LB_REFUSE ? FLOW_REASON_NO_BACKEND : FLOW_REASON_NO_SERVICE, 0);
+#endif
+}
+
 /* Capture (maps.h "The mesh"): does this TCP connection go to the pod's capture listener? Only an
  * enrolled pod whose capture listener is up (POD_F_CAPTURE), only to an enrolled pod on another node:
  * same-node traffic keeps the kernel fast path, and a peer outside the mesh gets plaintext. A connection
@@ -172,15 +220,14 @@ static __always_inline int mesh_wants_capture(struct local_pod *src, __u32 proto
  * server by its address. Across nodes the receiving side decides its own ingress (ingress.c for
  * plaintext, the node Envoy's RBAC for HBONE). */
 static __always_inline int policy_allows(struct local_pod *src, __u32 proto, struct lb_addr *dst,
-                                         struct ipcache_entry *peer)
+                                         struct ipcache_entry *peer, __u32 *rule)
 {
     __u32 src_id = src ? src->identity : IDENTITY_HOST;
     __u32 dst_id = peer ? peer->identity : IDENTITY_WORLD;
-    __u32 rule = 0;
-    if (src && policy_verdict(src_id, dst_id, POL_EGRESS, (__u8)proto, dst->port, &rule) == POL_DENY)
+    if (src && policy_verdict(src_id, dst_id, POL_EGRESS, (__u8)proto, dst->port, rule) == POL_DENY)
         return 0;
     if (peer && (peer->flags & IPC_F_LOCAL) &&
-        policy_verdict(dst_id, src_id, POL_INGRESS, (__u8)proto, dst->port, &rule) == POL_DENY)
+        policy_verdict(dst_id, src_id, POL_INGRESS, (__u8)proto, dst->port, rule) == POL_DENY)
         return 0;
     return 1;
 }
@@ -190,14 +237,17 @@ static __always_inline int policy_allows(struct local_pod *src, __u32 proto, str
 #define MESH_CAPTURE 1
 #define MESH_DENY 2
 
-static __always_inline int mesh_decide(struct bpf_sock_addr *ctx, __u32 proto, struct lb_addr *dst)
+static __always_inline int mesh_decide(struct bpf_sock_addr *ctx, __u32 proto, struct lb_addr *dst,
+                                       struct lb_svc_key *front, int translated)
 {
-    struct local_pod_key pk = {};
-    pk.netns_cookie = bpf_get_netns_cookie(ctx);
-    struct local_pod *src = local_pods.lookup(&pk);
+    struct local_pod *src = connecting_pod(ctx);
     struct ipcache_entry *peer = ipcache_of(&dst->ip);
-    if (!policy_allows(src, proto, dst, peer))
+    __u32 rule = 0;
+    if (!policy_allows(src, proto, dst, peer, &rule)) {
+        flow_refused_at_connect(ctx, proto, src, dst, peer ? peer->identity : IDENTITY_WORLD,
+                                translated ? front : 0, FLOW_REASON_POLICY, rule);
         return MESH_DENY;
+    }
     if (mesh_wants_capture(src, proto, dst, peer) && mesh_keep_capture_dst(ctx, dst))
         return MESH_CAPTURE;
     return MESH_DIRECT;
@@ -215,7 +265,8 @@ static __always_inline int lb_forward4(struct bpf_sock_addr *ctx, __u32 proto)
     key.proto = (__u8)proto;
     struct lb_addr be = {};
     int r = lb_pick(ctx, &key, &be);
-    if (r == LB_REFUSE) {
+    if (r == LB_REFUSE || r == LB_REFUSE_NO_SERVICE) {
+        lb_refused(ctx, proto, &key, r);
         bpf_set_retval(-ECONNREFUSED);
         return 0;
     }
@@ -223,7 +274,7 @@ static __always_inline int lb_forward4(struct bpf_sock_addr *ctx, __u32 proto)
         __builtin_memcpy(&be.ip, &key.vip, sizeof(be.ip));
         be.port = key.port;
     }
-    int mesh = mesh_decide(ctx, proto, &be);
+    int mesh = mesh_decide(ctx, proto, &be, &key, r == LB_TRANSLATED);
     if (mesh == MESH_DENY) {
         bpf_set_retval(-EACCES);
         return 0;
@@ -269,7 +320,8 @@ static __always_inline int lb_forward6(struct bpf_sock_addr *ctx, __u32 proto)
     key.proto = (__u8)proto;
     struct lb_addr be = {};
     int r = lb_pick(ctx, &key, &be);
-    if (r == LB_REFUSE) {
+    if (r == LB_REFUSE || r == LB_REFUSE_NO_SERVICE) {
+        lb_refused(ctx, proto, &key, r);
         bpf_set_retval(-ECONNREFUSED);
         return 0;
     }
@@ -277,7 +329,7 @@ static __always_inline int lb_forward6(struct bpf_sock_addr *ctx, __u32 proto)
         __builtin_memcpy(&be.ip, &key.vip, sizeof(be.ip));
         be.port = key.port;
     }
-    int mesh = mesh_decide(ctx, proto, &be);
+    int mesh = mesh_decide(ctx, proto, &be, &key, r == LB_TRANSLATED);
     if (mesh == MESH_DENY) {
         bpf_set_retval(-EACCES);
         return 0;

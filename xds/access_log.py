@@ -39,6 +39,8 @@ TAG_PATH = "meshaccel.path"
 TAG_DIRECTION = "meshaccel.direction"
 TAG_SERVICE = "meshaccel.service"
 TAG_UPSTREAM_PEER = "meshaccel.upstream_peer"
+TAG_SOURCE_IP = "meshaccel.source_ip"  # the source's address when the downstream is loopback (a capture leg)
+TAG_DESTINATION = "meshaccel.destination"  # "original": the destination is the downstream local address
 
 
 def als_cluster(address: str, name: str = DEFAULT_CLUSTER, connect_timeout_s: float = 1.0) -> cluster_pb2.Cluster:
@@ -81,8 +83,10 @@ def _common(log_name: str, cluster: str, tags: Mapping[str, str], upstream_peer:
     return common
 
 
-def _tags(path: str, direction: str, service: str) -> dict[str, str]:
-    return {TAG_PATH: path, TAG_DIRECTION: direction, TAG_SERVICE: service}
+def _tags(path: str, direction: str, service: str, source_ip: str = "", original_destination: bool = False
+          ) -> dict[str, str]:
+    return {TAG_PATH: path, TAG_DIRECTION: direction, TAG_SERVICE: service, TAG_SOURCE_IP: source_ip,
+            TAG_DESTINATION: "original" if original_destination else ""}
 
 
 def http_access_log(path: str, direction: str = "", service: str = "", *, cluster: str = DEFAULT_CLUSTER,
@@ -96,10 +100,14 @@ def http_access_log(path: str, direction: str = "", service: str = "", *, cluste
 
 def tcp_access_log(path: str, direction: str = "", service: str = "", *, cluster: str = DEFAULT_CLUSTER,
                    log_name: str = "meshaccel", upstream_peer: bool = False, flush_interval_s: float = 1.0,
-                   buffer_bytes: int = 16384) -> accesslog_pb2.AccessLog:
-    """For TcpProxy.access_log (or Listener.access_log): one entry per connection."""
+                   buffer_bytes: int = 16384, source_ip: str = "", original_destination: bool = False
+                   ) -> accesslog_pb2.AccessLog:
+    """For TcpProxy.access_log (or Listener.access_log): one entry per connection. `source_ip`: the source
+    to report when the downstream is a loopback leg (a pod's capture listener); `original_destination`:
+    report the downstream's local address (restored by original_dst) rather than the upstream host."""
     cfg = als_pb2.TcpGrpcAccessLogConfig(common_config=_common(
-        log_name, cluster, _tags(path, direction, service), upstream_peer, flush_interval_s, buffer_bytes))
+        log_name, cluster, _tags(path, direction, service, source_ip, original_destination), upstream_peer,
+        flush_interval_s, buffer_bytes))
     return accesslog_pb2.AccessLog(name=TCP_LOGGER, typed_config=pack(cfg))
 
 

@@ -206,7 +206,8 @@ def run(args: argparse.Namespace) -> int:
                       envoy_access_log=args.envoy_access_log, flows_kept=args.flows_kept,
                       als_listen=als_listen)
     try:
-        agent = Agent(cfg, source, table, cert_manager=certs, lb_tables=lb, mesh_tables=mesh)
+        agent = Agent(cfg, source, table, cert_manager=certs, lb_tables=lb, mesh_tables=mesh,
+                      flow_events=mesh.pin_dir if mesh is not None else None)
     except OSError as e:
         raise UserError(f"--listen {args.listen}: cannot listen ({e.strerror})") from e
     stopping = False
