@@ -113,7 +113,7 @@ def test_identity_numbers_are_deterministic_and_never_reserved(tmp_path: Path) -
 
 
 def test_identity_collisions_probe_and_survive_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(identity, "natural_number", lambda s: 1000)  # force every identity to collide
+    monkeypatch.setattr(identity, "natural_number", lambda s, low=0, high=0: 1000)  # force every identity to collide
     first = IdentityAllocator(tmp_path)
     assert first.number("spiffe://x/ns/a/sa/a") == 1000
     assert first.number("spiffe://x/ns/b/sa/b") == 1001
