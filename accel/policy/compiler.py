@@ -1,0 +1,676 @@
+"""The policy compiler: the state model's policies and pods -> the entries of the kernel's LPM policy
+map, the CIDR entries of the ipcache and the rule table (POLICY.md). It follows the model as a
+subscriber does: `on_change(ChangeSet)` recompiles only the subjects the change can touch and returns
+the map writes, in an order that never opens a hole.
+
+How one subject S and direction is compiled:
+1. Its rules: those of every policy whose scope selects S, ordered Istio DENY, NetworkPolicy, Istio
+   ALLOW (then by policy and rule position, so the deciding rule does not depend on numbering).
+2. Its explicit peers: the members of every matcher those rules use (plus HOST). Every other
+   identity is judged as ANY is (peers.py), so it needs no entry.
+3. Per peer, which rules match and on which ports; the verdict over each protocol's port space
+   follows from that (deny wins: an Istio DENY match, then NetworkPolicy isolation, then Istio ALLOW).
+   Results are cached by that signature, so 5,000 peers with a few distinct signatures cost a few
+   verdict computations and one dict write per entry.
+4. ANY gets entries where its verdict is decided by a rule; each explicit peer gets entries only
+   where its verdict or deciding rule differs from ANY's, as disjoint port prefixes.
+
+Write order of a diff (each step keeps every (subject, peer, port) at its old or its new verdict):
+  1. upserts of named peers' entries   (a new entry wins over ANY, or a longer old entry still decides)
+  2. upserts of ANY entries            (points that fall back to ANY have no old or new peer entry)
+  3. ipcache CIDR upserts              (their identities' entries are in place)
+  4. ipcache CIDR removals             (their addresses fall back to a broader CIDR or WORLD, already new)
+  5. removals of ANY entries
+  6. removals of named peers' entries  (only now may a peer fall back to ANY, which is new)
+The agent must write a new pod identity's ipcache entries after the diff of the same change (so its
+entries exist when its address first resolves to it) and remove them before (so a peer whose
+entries go never resolves without them).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from accel.policy import ports as P
+from accel.policy.peers import (
+    CidrIdentities,
+    Conj,
+    Matcher,
+    NamedPortHolders,
+    PeerFacts,
+    PeerIndex,
+    PeerKind,
+)
+from accel.policy.rules import (
+    Layer,
+    PolicyRules,
+    Rule,
+    normalize_authorization_policy,
+    normalize_network_policy,
+)
+from accel.policy.types import (
+    FIRST_POLICY_RULE,
+    IPCACHE_MAP,
+    POLICY_MAP,
+    RULE_DEFAULT_ALLOW,
+    RULE_HOST,
+    Compiled,
+    Direction,
+    MapOp,
+    PolicyDiff,
+    PolicyKey,
+    PolicyValue,
+    Problem,
+    RuleInfo,
+    RuleRef,
+    Verdict,
+)
+from accel.state.identity import DEFAULT_TRUST_DOMAIN, ID_ANY, ID_HOST
+from accel.state.model import (
+    EMPTY_MAP,
+    AuthorizationPolicy,
+    ChangeSet,
+    Kind,
+    Namespace,
+    NetworkPolicy,
+    ObjectKey,
+    Workload,
+)
+from accel.state.store import DEFAULT_ROOT_NAMESPACE
+
+log = logging.getLogger(__name__)
+
+Value = tuple[int, int]  # (verdict, rule)
+Segment = tuple[int, int, int, int, int]  # (proto, lo, hi, verdict, rule), decided ports only
+Signature = tuple[tuple[int, P.PortSet], ...]  # (position in the rule list, ports it matches) per matching rule
+ObjectProblemReporter = Callable[[str, ObjectKey, str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyOptions:
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    root_namespace: str = DEFAULT_ROOT_NAMESPACE  # Istio's: AuthorizationPolicies there apply mesh-wide
+    node: str | None = None  # subjects: identities with a pod on this node (None: every pod's)
+    # Kubernetes: traffic between a pod and its own node (kubelet probes) is always allowed.
+    host_always_allowed: bool = True
+
+
+def policy_pod(w: Workload) -> bool:
+    """Pods policy is about, as subjects and as peers: they have addresses of their own (not the
+    node's) and are not finished. The ipcache's pod entries should cover exactly these."""
+    p = w.pod
+    return not p.host_network and p.phase not in ("Succeeded", "Failed")
+
+
+# --- the verdict function -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What decides for one subject and direction: its rules in evaluation order, their rule-table
+    indices, and the rules that deny what isolation leaves out (None: not isolated by that layer)."""
+
+    rules: tuple[Rule, ...]
+    indices: tuple[int, ...]
+    np_default: int | None
+    istio_default: int | None
+
+    def decide(self, sig: Signature, proto: int, port: int) -> Value | None:
+        """The verdict at one port for a peer matching `sig`; None: no policy decides (allowed)."""
+        for ri, ps in sig:
+            if self.rules[ri].layer is Layer.ISTIO_DENY and P.contains(ps, proto, port):
+                return Verdict.DENY, self.indices[ri]
+        np_rule = None
+        if self.np_default is not None:
+            np_rule = next((self.indices[ri] for ri, ps in sig
+                            if self.rules[ri].layer is Layer.NETWORK_POLICY and P.contains(ps, proto, port)), None)
+            if np_rule is None:
+                return Verdict.DENY, self.np_default
+        if self.istio_default is not None and proto == P.TCP:
+            allow = next((self.indices[ri] for ri, ps in sig
+                          if self.rules[ri].layer is Layer.ISTIO_ALLOW and P.contains(ps, proto, port)), None)
+            if allow is None:
+                return Verdict.DENY, self.istio_default
+            return Verdict.ALLOW, np_rule if np_rule is not None else allow
+        if np_rule is not None:
+            return Verdict.ALLOW, np_rule
+        return None
+
+    def segments(self, sig: Signature) -> tuple[Segment, ...]:
+        """The decided port ranges of every protocol, adjacent equal ranges merged."""
+        out: list[Segment] = []
+        for proto in P.PROTO_NUMBERS:
+            cuts = {0, P.PORT_MAX + 1}
+            for _, ps in sig:
+                for pp, lo, hi in ps:
+                    if pp == proto:
+                        cuts.add(lo)
+                        cuts.add(hi + 1)
+            edges = sorted(cuts)
+            for a, b in zip(edges, edges[1:], strict=False):
+                v = self.decide(sig, proto, a)
+                if v is None:
+                    continue
+                if out and out[-1][0] == proto and out[-1][2] == a - 1 and out[-1][3:] == v:
+                    out[-1] = (proto, out[-1][1], b - 1, *v)
+                else:
+                    out.append((proto, a, b - 1, *v))
+        return tuple(out)
+
+
+def _cover(segs: Iterable[Segment], proto: int) -> list[tuple[int, int, Value | None]]:
+    """One protocol's segments as a full cover of 0..65535 (None where undecided)."""
+    out: list[tuple[int, int, Value | None]] = []
+    at = 0
+    for p, lo, hi, v, r in segs:
+        if p != proto:
+            continue
+        if lo > at:
+            out.append((at, lo - 1, None))
+        out.append((lo, hi, (v, r)))
+        at = hi + 1
+    if at <= P.PORT_MAX:
+        out.append((at, P.PORT_MAX, None))
+    return out
+
+
+def peer_template(peer: tuple[Segment, ...], any_: tuple[Segment, ...]) -> list[tuple[int, int, int, PolicyValue]]:
+    """A peer's entries (proto, port, bits, value): where its verdict or rule differs from ANY's."""
+    out: list[tuple[int, int, int, PolicyValue]] = []
+    for proto in P.PROTO_NUMBERS:
+        a, b = _cover(peer, proto), _cover(any_, proto)
+        cuts = sorted({lo for lo, _, _ in a} | {lo for lo, _, _ in b} | {P.PORT_MAX + 1})
+        ia = ib = 0
+        run: tuple[int, int, Value] | None = None
+        runs: list[tuple[int, int, Value]] = []
+        for lo, nxt in zip(cuts, cuts[1:], strict=False):
+            while a[ia][1] < lo:
+                ia += 1
+            while b[ib][1] < lo:
+                ib += 1
+            va, vb = a[ia][2], b[ib][2]
+            if va == vb:
+                continue
+            v = va if va is not None else (Verdict.ALLOW, RULE_DEFAULT_ALLOW)
+            if run is not None and run[1] == lo - 1 and run[2] == v:
+                run = (run[0], nxt - 1, v)
+            else:
+                if run is not None:
+                    runs.append(run)
+                run = (lo, nxt - 1, v)
+        if run is not None:
+            runs.append(run)
+        for lo, hi, v in runs:
+            value = PolicyValue(int(v[0]), v[1])
+            out += [(proto, port, bits, value) for port, bits in P.prefixes(lo, hi)]
+    return out
+
+
+def any_template(segs: tuple[Segment, ...]) -> list[tuple[int, int, int, PolicyValue]]:
+    return [(proto, port, bits, PolicyValue(int(v), r)) for proto, lo, hi, v, r in segs
+            for port, bits in P.prefixes(lo, hi)]
+
+
+def host_override(segs: tuple[Segment, ...]) -> tuple[Segment, ...]:
+    """HOST is allowed wherever a policy decides (Kubernetes: a pod's own node is always allowed)."""
+    out: list[Segment] = []
+    for proto, lo, hi, _, _ in segs:
+        if out and out[-1][0] == proto and out[-1][2] == lo - 1:
+            out[-1] = (proto, out[-1][1], hi, Verdict.ALLOW, RULE_HOST)
+        else:
+            out.append((proto, lo, hi, Verdict.ALLOW, RULE_HOST))
+    return tuple(out)
+
+
+# --- the rule table -------------------------------------------------------------------------------
+
+
+class RuleTable:
+    """Rule index <-> RuleRef. An unchanged rule keeps its index across recompiles; a released index is
+    reused only after `settle()` (once the diff that stopped using it is out)."""
+
+    def __init__(self) -> None:
+        self.rules: dict[int, RuleInfo] = {
+            RULE_DEFAULT_ALLOW: RuleInfo(RULE_DEFAULT_ALLOW, RuleRef("", "", "", "default-allow"), Verdict.ALLOW,
+                                         "no policy isolates the subject in this direction and no DENY rule matches"),
+            RULE_HOST: RuleInfo(RULE_HOST, RuleRef("", "", "", "host"), Verdict.ALLOW,
+                                "traffic between a pod and its own node is always allowed"),
+        }
+        self.index: dict[RuleRef, int] = {}
+        self._refs: dict[RuleRef, int] = {}
+        self._free: list[int] = []
+        self._quarantine: list[int] = []
+        self._next = FIRST_POLICY_RULE
+
+    def hold(self, ref: RuleRef, verdict: Verdict, text: str) -> int:
+        i = self.index.get(ref)
+        if i is None:
+            i = heapq.heappop(self._free) if self._free else self._next
+            self._next = max(self._next, i + 1)
+            self.index[ref] = i
+        self._refs[ref] = self._refs.get(ref, 0) + 1
+        self.rules[i] = RuleInfo(i, ref, verdict, text)
+        return i
+
+    def release(self, ref: RuleRef) -> None:
+        left = self._refs[ref] - 1
+        if left:
+            self._refs[ref] = left
+            return
+        del self._refs[ref]
+        i = self.index.pop(ref)
+        del self.rules[i]
+        self._quarantine.append(i)
+
+    def settle(self) -> None:
+        for i in self._quarantine:
+            heapq.heappush(self._free, i)
+        self._quarantine.clear()
+
+
+# --- the compiler ---------------------------------------------------------------------------------
+
+
+class PolicyCompiler:
+    """Incremental; single-threaded (feed it from the agent's apply loop, as a ChangeSet subscriber).
+    `on_problem(reason, object, message)` hears each problem once when it appears (log, metrics, a
+    Kubernetes Event: accel/events.py)."""
+
+    def __init__(self, options: PolicyOptions | None = None, on_problem: ObjectProblemReporter | None = None) -> None:
+        self.options = options or PolicyOptions()
+        self.on_problem = on_problem
+        self.peers = PeerIndex(self.options.trust_domain)
+        self.cidr_ids = CidrIdentities()
+        self.rule_table = RuleTable()
+        self.entries: dict[PolicyKey, PolicyValue] = {}
+        self.ipcache: dict[str, int] = {}
+        self.synced = False
+        self._workloads: dict[ObjectKey, Workload] = {}
+        self._pods_of: dict[int, set[ObjectKey]] = {}
+        self._local: dict[int, int] = {}  # identity -> pods of it on this node (subjects)
+        self._subjects_by_ns: dict[str, set[int]] = {}
+        self._ns_labels: dict[str, Mapping[str, str]] = {}
+        self._policies: dict[ObjectKey, PolicyRules] = {}
+        self._policies_by_ns: dict[str, set[ObjectKey]] = {}  # scope namespace ("" = every namespace)
+        self._rule_ids: dict[ObjectKey, tuple[int, ...]] = {}  # rule-table indices of each policy's rules
+        self._default_ids: dict[ObjectKey, int] = {}
+        self._entries_of: dict[int, dict[PolicyKey, PolicyValue]] = {}
+        self._explicit_of: dict[int, frozenset[int]] = {}
+        self._explicit_users: dict[int, set[int]] = {}
+        self._matchers_of: dict[int, frozenset[Matcher]] = {}
+        self._matcher_users: dict[Matcher, set[int]] = {}
+        self._problems: dict[ObjectKey, tuple[Problem, ...]] = {}
+        self._port_problems: dict[ObjectKey, tuple[Problem, ...]] = {}
+        self._reported: set[tuple[str, ObjectKey, str]] = set()
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def compiled(self) -> Compiled:
+        problems = tuple(p for k in sorted(self._problems.keys() | self._port_problems.keys())
+                         for p in (*self._problems.get(k, ()), *self._port_problems.get(k, ())))
+        return Compiled(MappingProxyType(self.entries), MappingProxyType(self.ipcache),
+                        MappingProxyType(self.rule_table.rules), problems)
+
+    @property
+    def subjects(self) -> frozenset[int]:
+        return frozenset(self._local)
+
+    def policy(self, key: ObjectKey) -> PolicyRules | None:
+        return self._policies.get(key)
+
+    def facts(self, identity: int) -> PeerFacts | None:
+        return self.peers.facts.get(identity)
+
+    # --- following the model --------------------------------------------------------------------
+
+    def on_change(self, cs: ChangeSet) -> PolicyDiff:
+        dirty: set[int] = set()
+        touched: set[int] = set()
+        ipcache_before = dict(self.ipcache)
+        for ch in cs.changes:
+            if ch.key.kind is Kind.NAMESPACE:
+                ns = ch.new if isinstance(ch.new, Namespace) else None
+                labels = ns.labels if ns is not None else EMPTY_MAP
+                if dict(self._ns_labels.get(ch.key.name, EMPTY_MAP)) != dict(labels):
+                    self._ns_labels[ch.key.name] = labels
+                    touched |= self.peers.identities_in(ch.key.name)
+        for wc in cs.workloads:
+            for w, add in ((wc.old, False), (wc.new, True)):
+                if w is None or not policy_pod(w):
+                    continue
+                self._track(w, add)
+                touched.add(w.security_identity)
+        for i in sorted(touched):
+            dirty |= self._refresh_identity(i)
+        new_problems: list[Problem] = []
+        for ch in cs.changes:
+            if ch.key.kind in (Kind.NETWORK_POLICY, Kind.AUTHORIZATION_POLICY):
+                dirty |= self._replace_policy(ch.key, ch.new, new_problems)
+        if cs.synced and not self.synced:
+            self.synced = True
+            for key in sorted(self._policies):
+                new_problems += self._check_named_ports(key)
+        elif self.synced:
+            for key in sorted({ch.key for ch in cs.changes if ch.key in self._policies}):
+                new_problems += self._check_named_ports(key)
+        return self._recompile(dirty, ipcache_before, new_problems)
+
+    def _track(self, w: Workload, add: bool) -> None:
+        i, key = w.security_identity, w.key
+        pods = self._pods_of.setdefault(i, set())
+        local = self.options.node is None or w.pod.node == self.options.node
+        if add:
+            self._workloads[key] = w
+            pods.add(key)
+            if local:
+                n = self._local[i] = self._local.get(i, 0) + 1
+                if n == 1:
+                    self._subjects_by_ns.setdefault(w.pod.namespace, set()).add(i)
+        else:
+            self._workloads.pop(key, None)
+            pods.discard(key)
+            if not pods:
+                del self._pods_of[i]
+            if local:
+                left = self._local.get(i, 0) - 1
+                if left > 0:
+                    self._local[i] = left
+                elif self._local.pop(i, None) is not None:
+                    group = self._subjects_by_ns[w.pod.namespace]
+                    group.discard(i)
+                    if not group:
+                        del self._subjects_by_ns[w.pod.namespace]
+
+    def _identity_facts(self, i: int) -> PeerFacts | None:
+        keys = self._pods_of.get(i)
+        if not keys:
+            return None
+        pods = [self._workloads[k].pod for k in keys]
+        p = pods[0]
+        return PeerFacts(i, PeerKind.POD, p.namespace, p.service_account, p.labels,
+                         self._ns_labels.get(p.namespace, EMPTY_MAP),
+                         frozenset(cp for q in pods for cp in q.named_ports),
+                         frozenset(ip for q in pods for ip in q.ips))
+
+    def _refresh_identity(self, i: int) -> set[int]:
+        """New facts for a pod identity: the subjects whose entries may change."""
+        facts = self._identity_facts(i)
+        if facts == self.peers.facts.get(i):
+            return {i} if i in self._entries_of or i in self._local else set()
+        return self._set_facts(i, facts) | {i}
+
+    def _set_facts(self, i: int, facts: PeerFacts | None) -> set[int]:
+        dirty = set(self._explicit_users.get(i, ()))
+        for m in self.peers.set_facts(i, facts):
+            dirty |= self._matcher_users.get(m, set())
+        return dirty
+
+    def _replace_policy(self, key: ObjectKey, record: object, new_problems: list[Problem]) -> set[int]:
+        old = self._policies.get(key)
+        new: PolicyRules | None = None
+        if isinstance(record, NetworkPolicy):
+            new = normalize_network_policy(record)
+        elif isinstance(record, AuthorizationPolicy):
+            new = normalize_authorization_policy(record, self.options.root_namespace)
+        dirty: set[int] = set()
+        if new is not None:  # hold the new before releasing the old: shared matchers, CIDRs and rules stay
+            for m in new.matchers:
+                self.peers.hold(m)
+            for cidr in sorted(new.cidrs):
+                n = self.cidr_ids.hold(cidr)
+                if n is not None:
+                    self.ipcache[cidr] = n
+                    dirty |= self._set_facts(n, PeerFacts(n, PeerKind.CIDR, cidr=cidr))
+            ids = tuple(self.rule_table.hold(r.ref, r.verdict, r.text) for r in new.rules)
+            if new.default is not None:
+                self._default_ids[key] = self.rule_table.hold(new.default, Verdict.DENY, new.default_text)
+            self._rule_ids[key] = ids
+            self._policies[key] = new
+            self._policies_by_ns.setdefault(new.scope.namespace, set()).add(key)
+            dirty |= self._selected(new)
+            self._problems[key] = new.problems
+            for p in new.problems:
+                if self._report(p):
+                    new_problems.append(p)
+        if old is not None:
+            dirty |= self._selected(old)
+            for m in old.matchers:
+                self.peers.release(m)
+            for cidr in sorted(old.cidrs):
+                n = self.cidr_ids.release(cidr)
+                if n is not None:
+                    del self.ipcache[cidr]
+                    dirty |= self._set_facts(n, None)
+            for r in old.rules:
+                self.rule_table.release(r.ref)
+            if old.default is not None:
+                self.rule_table.release(old.default)
+            if new is None:
+                self._default_ids.pop(key, None)
+                self._rule_ids.pop(key, None)
+                del self._policies[key]
+                self._problems.pop(key, None)
+                self._port_problems.pop(key, None)
+            if new is None or new.scope.namespace != old.scope.namespace:
+                keys = self._policies_by_ns[old.scope.namespace]
+                keys.discard(key)
+                if not keys:
+                    del self._policies_by_ns[old.scope.namespace]
+        return dirty
+
+    def _selected(self, pol: PolicyRules) -> set[int]:
+        """The subjects a policy's scope selects now."""
+        ns = pol.scope.namespace
+        candidates = self._subjects_by_ns.get(ns, set()) if ns else self._local.keys()
+        return {i for i in candidates if (f := self.peers.facts.get(i)) is not None and pol.scope.selects(f)}
+
+    def _check_named_ports(self, key: ObjectKey) -> list[Problem]:
+        """A NetworkPolicy port name that is the name of no container port it could mean."""
+        pol = self._policies.get(key)
+        found: list[Problem] = []
+        if pol is not None:
+            for r in pol.rules:
+                for name, proto in r.named_ports:
+                    if r.direction is Direction.INGRESS:
+                        holders = [f for f in self.peers.facts.values()
+                                   if f.kind is PeerKind.POD and pol.scope.selects(f) and f.port_named(name, proto)]
+                        whose = "the pods the policy selects"
+                    else:
+                        holders = [f for f in self.peers.facts.values()
+                                   if f.kind is PeerKind.POD and f.port_named(name, proto)]
+                        whose = "any pod"
+                    if not holders:
+                        proto_name = {v: k for k, v in P.PROTOCOLS.items()}[proto]
+                        found.append(Problem("network_policy_port_unresolved", key,
+                                             f"object={key} {r.ref.part} port {name!r} ({proto_name}) is the name of "
+                                             f"no container port of {whose}; it matches no port"))
+        self._port_problems[key] = tuple(found)
+        return [p for p in found if self._report(p)]
+
+    def _report(self, p: Problem) -> bool:
+        mark = (p.reason, p.object, p.message)
+        if mark in self._reported:
+            return False
+        if len(self._reported) > 100_000:
+            self._reported.clear()
+        self._reported.add(mark)
+        log.warning("event=bad_input component=policy reason=%s %s", p.reason, p.message)
+        if self.on_problem is not None:
+            self.on_problem(p.reason, p.object, p.message)
+        return True
+
+    # --- compiling subjects -------------------------------------------------------------------
+
+    def _recompile(self, dirty: set[int], ipcache_before: dict[str, int], problems: list[Problem]) -> PolicyDiff:
+        upsert_peer: list[MapOp] = []
+        upsert_any: list[MapOp] = []
+        delete_any: list[MapOp] = []
+        delete_peer: list[MapOp] = []
+        done = []
+        for s in sorted(dirty):
+            new = self._compile_subject(s) if s in self._local and s in self.peers.facts else None
+            if new is None:
+                self._index_subject(s, frozenset(), frozenset())
+            old = self._entries_of.pop(s, {})
+            if new:
+                self._entries_of[s] = new
+            for k, v in new.items() if new else ():
+                if old.get(k) != v:
+                    (upsert_any if k.peer == ID_ANY else upsert_peer).append(MapOp(POLICY_MAP, k, v))
+                    self.entries[k] = v
+            for k in old.keys() - (new or {}).keys():
+                (delete_any if k.peer == ID_ANY else delete_peer).append(MapOp(POLICY_MAP, k, None))
+                del self.entries[k]
+            done.append(s)
+        ipcache_up = [MapOp(IPCACHE_MAP, c, n) for c, n in sorted(self.ipcache.items()) if ipcache_before.get(c) != n]
+        ipcache_rm = [MapOp(IPCACHE_MAP, c, None) for c in sorted(ipcache_before.keys() - self.ipcache.keys())]
+        self.cidr_ids.settle()
+        self.rule_table.settle()
+        return PolicyDiff((*upsert_peer, *upsert_any, *ipcache_up, *ipcache_rm, *delete_any, *delete_peer),
+                          tuple(done), tuple(problems))
+
+    def applicable(self, facts: PeerFacts) -> list[PolicyRules]:
+        """The policies whose scope selects a subject, in a stable order."""
+        keys = self._policies_by_ns.get(facts.namespace, set()) | self._policies_by_ns.get("", set())
+        pols = [p for k in keys if (p := self._policies[k]).scope.selects(facts)]
+        return sorted(pols, key=lambda p: p.sort_key)
+
+    def decision(self, facts: PeerFacts, direction: Direction) -> Decision | None:
+        """The rules deciding one subject's traffic in one direction; None when nothing applies."""
+        pols = self.applicable(facts)
+        ordered: list[tuple[Layer, tuple[str, str, str], int, Rule, int]] = []
+        np_default = istio_default = None
+        for pol in pols:
+            key = ObjectKey(Kind(pol.kind), pol.namespace, pol.name)
+            for pos, (r, idx) in enumerate(zip(pol.rules, self._rule_ids[key], strict=True)):
+                if r.direction is direction:
+                    ordered.append((r.layer, pol.sort_key, pos, r, idx))
+            if direction in pol.isolates:
+                if pol.kind == Kind.NETWORK_POLICY and np_default is None:
+                    np_default = self._default_ids[key]
+                elif pol.kind == Kind.AUTHORIZATION_POLICY and istio_default is None:
+                    istio_default = self._default_ids[key]
+        if not ordered and np_default is None and istio_default is None:
+            return None
+        ordered.sort(key=lambda t: t[:3])
+        return Decision(tuple(t[3] for t in ordered), tuple(t[4] for t in ordered), np_default, istio_default)
+
+    def _compile_subject(self, s: int) -> dict[PolicyKey, PolicyValue]:
+        facts = self.peers.facts[s]
+        out: dict[PolicyKey, PolicyValue] = {}
+        explicit_all: set[int] = set()
+        matchers_all: set[Matcher] = set()
+        for direction in (Direction.INGRESS, Direction.EGRESS):
+            dec = self.decision(facts, direction)
+            if dec is None:
+                continue
+            matchers = {m for r in dec.rules for conj in r.peers or () for m, _ in conj}
+            if direction is Direction.EGRESS:
+                matchers |= {NamedPortHolders(n, p) for r in dec.rules for n, p in r.named_ports}
+            explicit: set[int] = set()
+            for m in matchers:
+                explicit |= self.peers.members(m)
+            if self.options.host_always_allowed:
+                explicit.add(ID_HOST)
+            matchers_all |= matchers
+            explicit_all |= explicit
+            self._emit(s, facts, direction, dec, explicit, out)
+        self._index_subject(s, frozenset(explicit_all), frozenset(matchers_all))
+        return out
+
+    def signatures(self, facts: PeerFacts, direction: Direction, dec: Decision,
+                   peers: set[int]) -> dict[int, Signature]:
+        """Which rules match each peer (and ANY, 0) and on which ports."""
+        universe = peers | {ID_ANY}
+        sigs: dict[int, list[tuple[int, P.PortSet]]] = {p: [] for p in universe}
+        for ri, r in enumerate(dec.rules):
+            matched = self._match(r.peers, universe)
+            if not matched:
+                continue
+            if r.named_ports and direction is Direction.INGRESS:  # resolved on the subject
+                ps = P.union(r.ports, P.portset((proto, n, n) for name, proto in r.named_ports
+                                                for n in facts.port_named(name, proto)))
+            else:
+                ps = r.ports
+            per_peer = bool(r.named_ports) and direction is Direction.EGRESS  # resolved on each peer
+            for p in matched:
+                if per_peer:
+                    f = self.peers.facts.get(p)
+                    resolved = P.portset((proto, n, n) for name, proto in r.named_ports
+                                         for n in (f.port_named(name, proto) if f is not None else ()))
+                    pp = P.union(ps, resolved) if resolved else ps
+                else:
+                    pp = ps
+                if pp:
+                    sigs[p].append((ri, pp))
+        return {p: tuple(v) for p, v in sigs.items()}
+
+    def _match(self, peers: tuple[Conj, ...] | None, universe: set[int]) -> set[int]:
+        if peers is None:
+            return universe
+        out: set[int] = set()
+        for conj in peers:
+            pos = sorted((self.peers.members(m) for m, neg in conj if not neg), key=len)
+            base = set(pos[0]).intersection(*pos[1:]) if pos else set(universe)
+            for m, neg in conj:
+                if neg:
+                    base -= self.peers.members(m)
+            out |= base
+        return out
+
+    def _emit(self, s: int, facts: PeerFacts, direction: Direction, dec: Decision, explicit: set[int],
+              out: dict[PolicyKey, PolicyValue]) -> None:
+        sigs = self.signatures(facts, direction, dec, explicit)
+        seg_cache: dict[Signature, tuple[Segment, ...]] = {}
+
+        def segs(sig: Signature) -> tuple[Segment, ...]:
+            v = seg_cache.get(sig)
+            if v is None:
+                v = seg_cache[sig] = dec.segments(sig)
+            return v
+
+        any_sig = sigs[ID_ANY]
+        any_segs = segs(any_sig)
+        d = int(direction)
+        for proto, port, bits, value in any_template(any_segs):
+            out[PolicyKey(s, ID_ANY, d, proto, port, bits)] = value
+        templates: dict[tuple[bool, Signature], list[tuple[int, int, int, PolicyValue]]] = {}
+        for p in explicit:
+            sig = sigs[p]
+            host = p == ID_HOST
+            if sig == any_sig and not host:
+                continue
+            t = templates.get((host, sig))
+            if t is None:
+                mine = host_override(segs(sig)) if host else segs(sig)
+                t = templates[(host, sig)] = peer_template(mine, any_segs)
+            for proto, port, bits, value in t:
+                out[PolicyKey(s, p, d, proto, port, bits)] = value
+
+    def _index_subject(self, s: int, explicit: frozenset[int], matchers: frozenset[Matcher]) -> None:
+        old_e = self._explicit_of.get(s, frozenset())
+        for p in old_e - explicit:
+            users = self._explicit_users[p]
+            users.discard(s)
+            if not users:
+                del self._explicit_users[p]
+        for p in explicit - old_e:
+            self._explicit_users.setdefault(p, set()).add(s)
+        old_m = self._matchers_of.get(s, frozenset())
+        for m in old_m - matchers:
+            musers = self._matcher_users[m]
+            musers.discard(s)
+            if not musers:
+                del self._matcher_users[m]
+        for m in matchers - old_m:
+            self._matcher_users.setdefault(m, set()).add(s)
+        if explicit or matchers:
+            self._explicit_of[s] = explicit
+            self._matchers_of[s] = matchers
+        else:
+            self._explicit_of.pop(s, None)
+            self._matchers_of.pop(s, None)
