@@ -13,7 +13,14 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from accel.state.model import AuthorizationPolicy, AuthzRule, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyRule
+from accel.state.model import (
+    AuthorizationPolicy,
+    AuthzRule,
+    AuthzSource,
+    NetworkPolicy,
+    NetworkPolicyPeer,
+    NetworkPolicyRule,
+)
 from accel.state.parse import WHEN_L4_KEYS
 
 TCP, UDP, SCTP = 6, 17, 132
@@ -154,9 +161,7 @@ def _authz_rule_matches(pols: RefPolicies, rule: AuthzRule, peer: RefPeer, port:
         return any(_istio_str(p, value) for p in patterns)
 
     if rule.sources:
-        def source_ok(s: object) -> bool:
-            from accel.state.model import AuthzSource
-            assert isinstance(s, AuthzSource)
+        def source_ok(s: AuthzSource) -> bool:
             checks = [
                 not s.principals or any_of(s.principals, principal),
                 not s.not_principals or not any_of(s.not_principals, principal),
