@@ -135,7 +135,7 @@ def authorization_policies(draw: st.DrawFn, name: str) -> dict[str, Any]:
 def pods(draw: st.DrawFn, i: int) -> dict[str, Any]:
     named = draw(st.lists(st.sampled_from([("http", 8080, "TCP"), ("http", 8081, "TCP"), ("dns", 53, "UDP"),
                                            ("metrics", 9090, "TCP")]), max_size=2, unique_by=lambda t: t[0]))
-    extra = ["10.250.0.%d" % (i + 1)] if draw(st.integers(0, 4)) == 0 else []
+    extra = [f"10.250.0.{i + 1}"] if draw(st.integers(0, 4)) == 0 else []
     return pod(f"p{i}", draw(st.sampled_from(NAMESPACES[:2])), f"10.244.0.{i + 1}",
                draw(st.sampled_from([{}, {"app": "web"}, {"app": "db"}, {"app": "web", "tier": "fe"}, {"app": "api"}])),
                sa=draw(st.sampled_from(["default", "s1"])), node=draw(st.sampled_from(["n1", "n2"])),
@@ -367,3 +367,29 @@ def test_the_write_order_property_catches_a_bad_order() -> None:
         seen.append(evaluate(Compiled(table, {}, {}, ()), 1, 7, 0, 6, 80)[0])
     assert Verdict.ALLOW in seen  # the hole the compiler's order never makes
     assert evaluate(Compiled(after, {}, {}, ()), 1, 7, 0, 6, 80)[0] is Verdict.DENY
+
+
+# --- 4. the tunnel's RBAC gives the kernel's verdicts where a principal is one kind of peer --------
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(clusters(), st.lists(st.sampled_from(PORTS), min_size=3, max_size=5, unique=True))
+def test_inbound_rbac_agrees_with_the_kernel_for_principals(objs: list[dict[str, Any]], ports: list[int]) -> None:
+    from accel.policy.peers import CidrBlock, IstioIpBlocks, PeerKind
+    from accel.policy.rbac import inbound_rbac
+    records = _records(objs)
+    compiler = compile_all(records, _workloads(records))
+    compiled = compiler.compiled()
+    if any(isinstance(m, CidrBlock | IstioIpBlocks) for m in compiler.peers.matchers()):
+        return  # addresses are about the kernel's peers, never the tunnel's: deliberately different
+    by_principal: dict[str, list[int]] = {}
+    for f in compiler.peers.facts.values():
+        if f.kind is PeerKind.POD:
+            by_principal.setdefault("spiffe://" + f.principal("cluster.local"), []).append(f.number)
+    for s in compiler.subjects:
+        rbac = inbound_rbac(compiler, s)
+        for principal, ids in by_principal.items():
+            for port in ports:
+                kernel = {evaluate(compiled, s, i, Direction.INGRESS, 6, port)[0] for i in ids}
+                if len(kernel) == 1:  # pods of one principal agree: the tunnel must say the same
+                    assert rbac.verdict(principal, port)[0] in kernel, (principal, port)
