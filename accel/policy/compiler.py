@@ -15,21 +15,28 @@ How one subject S and direction is compiled:
 4. ANY gets entries where its verdict is decided by a rule; each explicit peer gets entries only
    where its verdict or deciding rule differs from ANY's, as disjoint port prefixes.
 
-Write order of a diff (each step keeps every (subject, peer, port) at its old or its new verdict):
-  1. upserts of named peers' entries   (a new entry wins over ANY, or a longer old entry still decides)
-  2. upserts of ANY entries            (points that fall back to ANY have no old or new peer entry)
-  3. ipcache CIDR upserts              (their identities' entries are in place)
-  4. ipcache CIDR removals             (their addresses fall back to a broader CIDR or WORLD, already new)
+Write order of a diff: every single write keeps every (subject, address or identity, port) at its old
+or its new verdict, never a third one (tests/test_policy_properties.py checks it after each write):
+  1. a new CIDR's identity gets a copy of the entries of what its addresses resolved to before (the
+     longest old CIDR around it, or WORLD): under the old rules it is judged as that one was
+  2. ipcache upserts of new CIDRs      (their addresses keep their verdicts: step 1)
+  3. upserts of named peers' entries   (a new entry wins over ANY, or a longer old entry still decides)
+  4. upserts of ANY entries            (points that fall back to ANY have no old or new peer entry)
   5. removals of ANY entries
   6. removals of named peers' entries  (only now may a peer fall back to ANY, which is new)
-The agent must write a new pod identity's ipcache entries after the diff of the same change (so its
-entries exist when its address first resolves to it) and remove them before (so a peer whose
-entries go never resolves without them).
+     A CIDR that goes keeps its identity to here, with the new entries of what its addresses will
+     resolve to (the ghost), so that
+  7. ipcache removals of CIDRs that went change no verdict, and
+  8. the ghosts' entries go.
+Pod and node ipcache entries are the agent's: it should write a new pod identity's entries after the
+diff of the same change (its entries exist when its address first resolves to it) and remove them
+before it (a peer whose entries go never resolves without them).
 """
 
 from __future__ import annotations
 
 import heapq
+import ipaddress
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -69,7 +76,7 @@ from accel.policy.types import (
     RuleRef,
     Verdict,
 )
-from accel.state.identity import DEFAULT_TRUST_DOMAIN, ID_ANY, ID_HOST
+from accel.state.identity import DEFAULT_TRUST_DOMAIN, ID_ANY, ID_HOST, ID_WORLD
 from accel.state.model import (
     EMPTY_MAP,
     AuthorizationPolicy,
@@ -97,6 +104,18 @@ class PolicyOptions:
     node: str | None = None  # subjects: identities with a pod on this node (None: every pod's)
     # Kubernetes: traffic between a pod and its own node (kubelet probes) is always allowed.
     host_always_allowed: bool = True
+
+
+def _longest(ipcache: Mapping[str, int], cidr: str) -> int:
+    """The identity addresses of `cidr` get from an ipcache without it: the longest CIDR around it
+    (same family), else WORLD."""
+    net = ipaddress.ip_network(cidr)
+    best: tuple[int, int] | None = None
+    for other, n in ipcache.items():
+        o = ipaddress.ip_network(other)
+        if other != cidr and o.version == net.version and net.subnet_of(o) and (best is None or o.prefixlen > best[0]):  # type: ignore[arg-type]
+            best = (o.prefixlen, n)
+    return best[1] if best is not None else ID_WORLD
 
 
 def policy_pod(w: Workload) -> bool:
@@ -350,6 +369,13 @@ class PolicyCompiler:
         for ch in cs.changes:
             if ch.key.kind in (Kind.NETWORK_POLICY, Kind.AUTHORIZATION_POLICY):
                 dirty |= self._replace_policy(ch.key, ch.new, new_problems)
+        added, gone = self.cidr_ids.reconcile()
+        for cidr, n in gone.items():
+            del self.ipcache[cidr]
+            dirty |= self._set_facts(n, None)
+        for cidr, n in added.items():
+            self.ipcache[cidr] = n
+            dirty |= self._set_facts(n, PeerFacts(n, PeerKind.CIDR, cidr=cidr))
         if cs.synced and not self.synced:
             self.synced = True
             for key in sorted(self._policies):
@@ -357,7 +383,7 @@ class PolicyCompiler:
         elif self.synced:
             for key in sorted({ch.key for ch in cs.changes if ch.key in self._policies}):
                 new_problems += self._check_named_ports(key)
-        return self._recompile(dirty, ipcache_before, new_problems)
+        return self._recompile(dirty, ipcache_before, added, gone, new_problems)
 
     def _track(self, w: Workload, add: bool) -> None:
         i, key = w.security_identity, w.key
@@ -420,11 +446,8 @@ class PolicyCompiler:
         if new is not None:  # hold the new before releasing the old: shared matchers, CIDRs and rules stay
             for m in new.matchers:
                 self.peers.hold(m)
-            for cidr in sorted(new.cidrs):
-                n = self.cidr_ids.hold(cidr)
-                if n is not None:
-                    self.ipcache[cidr] = n
-                    dirty |= self._set_facts(n, PeerFacts(n, PeerKind.CIDR, cidr=cidr))
+            for cidr in new.cidrs:
+                self.cidr_ids.hold(cidr)
             ids = tuple(self.rule_table.hold(r.ref, r.verdict, r.text) for r in new.rules)
             if new.default is not None:
                 self._default_ids[key] = self.rule_table.hold(new.default, Verdict.DENY, new.default_text)
@@ -440,11 +463,8 @@ class PolicyCompiler:
             dirty |= self._selected(old)
             for m in old.matchers:
                 self.peers.release(m)
-            for cidr in sorted(old.cidrs):
-                n = self.cidr_ids.release(cidr)
-                if n is not None:
-                    del self.ipcache[cidr]
-                    dirty |= self._set_facts(n, None)
+            for cidr in old.cidrs:
+                self.cidr_ids.release(cidr)
             for r in old.rules:
                 self.rule_table.release(r.ref)
             if old.default is not None:
@@ -505,33 +525,51 @@ class PolicyCompiler:
 
     # --- compiling subjects -------------------------------------------------------------------
 
-    def _recompile(self, dirty: set[int], ipcache_before: dict[str, int], problems: list[Problem]) -> PolicyDiff:
-        upsert_peer: list[MapOp] = []
-        upsert_any: list[MapOp] = []
-        delete_any: list[MapOp] = []
-        delete_peer: list[MapOp] = []
+    def _recompile(self, dirty: set[int], ipcache_before: dict[str, int], added: dict[str, int],
+                   gone: dict[str, int], problems: list[Problem]) -> PolicyDiff:
+        copies: dict[int, dict[PolicyKey, PolicyValue]] = {}
+        for cidr, n in added.items():
+            was = _longest(ipcache_before, cidr)
+            for s in sorted(self._explicit_users.get(was, ())):
+                got = {k._replace(peer=n): v for k, v in self._entries_of.get(s, {}).items() if k.peer == was}
+                if got:
+                    copies.setdefault(s, {}).update(got)
+                    dirty.add(s)
+        ghost_of = {n: _longest(self.ipcache, cidr) for cidr, n in gone.items()}
+        ops: dict[str, list[MapOp]] = {phase: [] for phase in ("peer+", "any+", "any-", "peer-", "ghost-")}
         done = []
         for s in sorted(dirty):
-            new = self._compile_subject(s) if s in self._local and s in self.peers.facts else None
-            if new is None:
+            new = self._compile_subject(s) if s in self._local and s in self.peers.facts else {}
+            if s not in self._local or s not in self.peers.facts:
                 self._index_subject(s, frozenset(), frozenset())
             old = self._entries_of.pop(s, {})
             if new:
                 self._entries_of[s] = new
-            for k, v in new.items() if new else ():
-                if old.get(k) != v:
-                    (upsert_any if k.peer == ID_ANY else upsert_peer).append(MapOp(POLICY_MAP, k, v))
-                    self.entries[k] = v
-            for k in old.keys() - (new or {}).keys():
-                (delete_any if k.peer == ID_ANY else delete_peer).append(MapOp(POLICY_MAP, k, None))
+            for k in old.keys() - new.keys():
                 del self.entries[k]
+            for k, v in new.items():
+                self.entries[k] = v
+            if s in copies:
+                old = {**old, **copies[s]}
+            target = new
+            for n, there in ghost_of.items():
+                ghost = {k._replace(peer=n): v for k, v in new.items() if k.peer == there}
+                if ghost:
+                    target = {**target, **ghost}
+                    ops["ghost-"] += [MapOp(POLICY_MAP, k, None) for k in ghost]
+            for k, v in target.items():
+                if old.get(k) != v:
+                    ops["any+" if k.peer == ID_ANY else "peer+"].append(MapOp(POLICY_MAP, k, v))
+            for k in old.keys() - target.keys():
+                ops["any-" if k.peer == ID_ANY else "peer-"].append(MapOp(POLICY_MAP, k, None))
             done.append(s)
-        ipcache_up = [MapOp(IPCACHE_MAP, c, n) for c, n in sorted(self.ipcache.items()) if ipcache_before.get(c) != n]
-        ipcache_rm = [MapOp(IPCACHE_MAP, c, None) for c in sorted(ipcache_before.keys() - self.ipcache.keys())]
+        copy_ops = [MapOp(POLICY_MAP, k, v) for s in sorted(copies) for k, v in copies[s].items()]
+        ipcache_up = [MapOp(IPCACHE_MAP, c, n) for c, n in added.items()]
+        ipcache_rm = [MapOp(IPCACHE_MAP, c, None) for c in gone]
         self.cidr_ids.settle()
         self.rule_table.settle()
-        return PolicyDiff((*upsert_peer, *upsert_any, *ipcache_up, *ipcache_rm, *delete_any, *delete_peer),
-                          tuple(done), tuple(problems))
+        return PolicyDiff((*copy_ops, *ipcache_up, *ops["peer+"], *ops["any+"], *ops["any-"], *ops["peer-"],
+                           *ipcache_rm, *ops["ghost-"]), tuple(done), tuple(problems))
 
     def applicable(self, facts: PeerFacts) -> list[PolicyRules]:
         """The policies whose scope selects a subject, in a stable order."""

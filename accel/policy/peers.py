@@ -296,9 +296,11 @@ class PeerIndex:
 
 
 class CidrIdentities:
-    """CIDR text -> a number in [CIDR_MIN, CIDR_MAX]: a hash of the text, probing on collision, held
-    while some policy names the CIDR. A released number is not handed out again before `settle()`
-    (called once a diff is out), so one diff never gives one number two meanings."""
+    """CIDR text -> a number in [CIDR_MIN, CIDR_MAX]: a hash of the text, probing on collision, kept
+    while some policy names the CIDR. Holds are counted as policies change; `reconcile()` then hands
+    out numbers for CIDRs that appeared and takes them from CIDRs that went, once per change, so a
+    CIDR dropped and named again within one change keeps its number. A number taken is not handed out
+    again before `settle()` (once the diff is out): one diff never gives one number two meanings."""
 
     def __init__(self, low: int = CIDR_MIN, high: int = CIDR_MAX) -> None:
         self.low, self.high = low, high
@@ -311,34 +313,37 @@ class CidrIdentities:
         h = int.from_bytes(hashlib.blake2b(cidr.encode(), digest_size=8).digest(), "big")
         return self.low + h % (self.high - self.low + 1)
 
-    def hold(self, cidr: str) -> int | None:
-        """The CIDR's number; a new CIDR gets one (None when it is new: the caller adds its facts)."""
+    def hold(self, cidr: str) -> None:
         self._refs[cidr] = self._refs.get(cidr, 0) + 1
-        if cidr in self.by_cidr:
-            return None
-        n = self.natural(cidr)
-        size = self.high - self.low + 1
-        for _ in range(size):
-            if n not in self._cidr_of and n not in self._quarantine:
-                break
-            n = self.low + (n - self.low + 1) % size
-        else:
-            raise OverflowError(f"CIDR identity range [{self.low}, {self.high}] is full")
-        self.by_cidr[cidr] = n
-        self._cidr_of[n] = cidr
-        return n
 
-    def release(self, cidr: str) -> int | None:
-        """Drop one hold; returns the number when the CIDR is gone."""
+    def release(self, cidr: str) -> None:
         left = self._refs[cidr] - 1
         if left:
             self._refs[cidr] = left
-            return None
-        del self._refs[cidr]
-        n = self.by_cidr.pop(cidr)
-        del self._cidr_of[n]
-        self._quarantine.add(n)
-        return n
+        else:
+            del self._refs[cidr]
+
+    def reconcile(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(CIDRs that got a number, CIDRs whose number was taken back), each CIDR -> number."""
+        gone = {c: self.by_cidr[c] for c in sorted(self.by_cidr.keys() - self._refs.keys())}
+        for c, n in gone.items():
+            del self.by_cidr[c]
+            del self._cidr_of[n]
+            self._quarantine.add(n)
+        added = {}
+        size = self.high - self.low + 1
+        for c in sorted(self._refs.keys() - self.by_cidr.keys()):
+            n = self.natural(c)
+            for _ in range(size):
+                if n not in self._cidr_of and n not in self._quarantine:
+                    break
+                n = self.low + (n - self.low + 1) % size
+            else:
+                raise OverflowError(f"CIDR identity range [{self.low}, {self.high}] is full")
+            self.by_cidr[c] = n
+            self._cidr_of[n] = c
+            added[c] = n
+        return added, gone
 
     def settle(self) -> None:
         self._quarantine.clear()
