@@ -65,8 +65,18 @@ class MapMirror:
         return Compiled(self.entries, self.ipcache, {}, ())
 
 
+ADDRESSES = ["10.1.2.3", "10.1.3.3", "10.2.0.1", "192.168.1.1", "192.168.2.2", "172.16.5.5", "8.8.8.8",
+             "10.244.0.200"]
+PORTS = (53, 80, 443, 5005, 8080)
+
+
 class Cluster:
-    def __init__(self, *, node: str | None = None, host_always_allowed: bool = True) -> None:
+    """`check_writes`: every diff is written op by op, and after each op every sampled (subject,
+    peer identity or address, direction, proto, port) must have its verdict of before or after."""
+
+    def __init__(self, *, node: str | None = None, host_always_allowed: bool = True,
+                 check_writes: bool = False) -> None:
+        self.check_writes = check_writes
         self.problems: list[tuple[str, ObjectKey, str]] = []
         self.state = ClusterState()
         self.compiler = PolicyCompiler(PolicyOptions(node=node, host_always_allowed=host_always_allowed),
@@ -78,8 +88,33 @@ class Cluster:
     def _follow(self, cs: ChangeSet) -> None:
         diff = self.compiler.on_change(cs)
         self.diffs.append(diff)
-        self.mirror.apply(diff)
+        self.mirror.apply(diff, self._checker(diff) if self.check_writes else None)
         assert self.mirror.entries == self.compiler.entries and self.mirror.ipcache == self.compiler.ipcache
+
+    def _checker(self, diff: PolicyDiff) -> Callable[[], None]:
+        exact = self.exact()
+        subjects = sorted(self.compiler.subjects | {k.subject for k in self.mirror.entries})
+        peers = sorted({k.peer for k in self.mirror.entries} | {k.peer for k in self.compiler.entries} | {0x7777_7777})
+
+        def verdicts(c: Compiled) -> list[tuple[object, Verdict]]:
+            out = []
+            for s in subjects:
+                for d in (0, 1):
+                    for proto in (TCP, UDP):
+                        for port in PORTS:
+                            out += [((s, p, d, proto, port), evaluate(c, s, p, d, proto, port)[0]) for p in peers]
+                            out += [((s, a, d, proto, port), evaluate(c, s, identity_of_address(c, a, exact), d, proto,
+                                                                      port)[0]) for a in ADDRESSES]
+            return out
+
+        old = verdicts(self.mirror.compiled())
+        new = verdicts(Compiled(dict(self.compiler.entries), dict(self.compiler.ipcache), {}, ()))
+
+        def check() -> None:
+            for (point, v), (_, a), (_, b) in zip(verdicts(self.mirror.compiled()), old, new, strict=True):
+                assert v in (a, b), f"{point}: {v.name} between {a.name} and {b.name}"
+
+        return check
 
     def apply(self, *objs: dict[str, Any]) -> PolicyDiff:
         n = len(self.diffs)

@@ -376,3 +376,40 @@ def test_inbound_rbac_unknown_principals_take_the_safe_side(c: Cluster) -> None:
     assert db.verdict(stranger, 80)[0] is DENY  # ALLOW by a not-form: not for a principal we cannot place
     assert api.verdict("spiffe://cluster.local/ns/web/sa/fe", 80)[0] is ALLOW
     assert api.verdict(stranger, 80)[0] is DENY  # DENY "namespaces: gone" may name it
+
+
+# --- CIDR identities coming and going, written op by op -------------------------------------------
+
+
+def test_a_new_cidr_inside_an_allowed_one_never_blinks() -> None:
+    """A policy elsewhere names 10.1.0.0/16 inside the 10.0.0.0/8 db allows: 10.1.2.3 gets its own
+    identity, which must be allowed before the ipcache resolves the address to it."""
+    c = Cluster(check_writes=True)
+    c.apply(ns("shop"), pod("db", "shop", "10.244.0.1", {"app": "db"}), pod("api", "shop", "10.244.0.2", {"app": "api"}),
+            netpol("db", "shop", {"podSelector": {"matchLabels": {"app": "db"}},
+                                  "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [{"port": 443}]}]}))
+    assert c.ingress_from("10.1.2.3", "shop/db", 443) is ALLOW
+    diff = c.apply(netpol("api", "shop", {"podSelector": {"matchLabels": {"app": "api"}}, "policyTypes": ["Egress"],
+                                          "egress": [{"to": [{"ipBlock": {"cidr": "10.1.0.0/16"}}]}]}))
+    assert c.ingress_from("10.1.2.3", "shop/db", 443) is ALLOW
+    n = c.compiled.ipcache["10.1.0.0/16"]
+    first_ipcache = next(i for i, op in enumerate(diff.ops) if op.map == "ipcache")
+    assert all(op.key.peer == n and op.value is not None for op in diff.ops[:first_ipcache])  # type: ignore[union-attr]
+
+
+def test_a_cidr_that_goes_leaves_through_a_ghost() -> None:
+    """10.1.0.0/16 had its own, wider allowance; when no policy names it any more its addresses fall
+    back to 10.0.0.0/8, and 443 (allowed before and after) is never denied on the way."""
+    c = Cluster(check_writes=True)
+    narrow = {"from": [{"ipBlock": {"cidr": "10.1.0.0/16"}}], "ports": [{"port": 80}]}
+    wide = {"from": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [{"port": 443}]}
+    c.apply(ns("shop"), pod("db", "shop", "10.244.0.1", {"app": "db"}),
+            netpol("db", "shop", {"podSelector": {}, "ingress": [narrow, wide]}))
+    assert c.ingress_from("10.1.2.3", "shop/db", 80) is ALLOW and c.ingress_from("10.1.2.3", "shop/db", 443) is ALLOW
+    n = c.compiled.ipcache["10.1.0.0/16"]
+    diff = c.apply(netpol("db", "shop", {"podSelector": {}, "ingress": [wide]}))
+    assert c.ingress_from("10.1.2.3", "shop/db", 80) is DENY and c.ingress_from("10.1.2.3", "shop/db", 443) is ALLOW
+    removal = next(i for i, op in enumerate(diff.ops) if op.map == "ipcache")
+    assert diff.ops[removal].value is None
+    assert all(op.key.peer == n and op.value is None for op in diff.ops[removal + 1:])  # type: ignore[union-attr]
+    assert all(k.peer != n for k in c.compiled.entries)
