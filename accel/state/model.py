@@ -287,6 +287,7 @@ class NetworkPolicy:
     # Problems with the spec itself (unknown spec field, unreadable selector or policyTypes): the policy
     # then isolates what it selects and allows nothing.
     problems: tuple[str, ...] = ()
+    uid: str = ""  # metadata.uid: names the object in the Events reported on it
 
     kind = Kind.NETWORK_POLICY
 
@@ -366,6 +367,7 @@ class AuthorizationPolicy:
     # policy then allows nothing, a DENY policy keeps the rules it could read.
     problems: tuple[str, ...] = ()
     target_refs: tuple[str, ...] = ()  # spec.targetRef(s) as "Kind/name": the policy is for a waypoint or gateway
+    uid: str = ""
 
     kind = Kind.AUTHORIZATION_POLICY
 
@@ -386,6 +388,7 @@ class PeerAuthentication:
     resource_version: str = ""
     creation_timestamp: str = ""  # RFC 3339: among equally specific policies the oldest wins (Istio's rule)
     problems: tuple[str, ...] = ()  # unknown fields, unreadable selector or mode
+    uid: str = ""
 
     kind = Kind.PEER_AUTHENTICATION
 

@@ -567,6 +567,7 @@ def parse_network_policy(obj: Mapping[str, Any]) -> NetworkPolicy:
         egress=egress,
         resource_version=_rv(meta),
         problems=tuple(problems),
+        uid=str(meta.get("uid") or ""),
     )
 
 
@@ -710,7 +711,8 @@ def parse_authorization_policy(obj: Mapping[str, Any]) -> AuthorizationPolicy:
         items = []
     rules = tuple(_authz_rule(r, f"{where}: spec.rules[{i}]") for i, r in enumerate(items))
     selector = _istio_selector(spec, where, problems)
-    return AuthorizationPolicy(name, ns, selector, action, rules, _rv(meta), tuple(problems), _target_refs(spec))
+    return AuthorizationPolicy(name, ns, selector, action, rules, _rv(meta), tuple(problems), _target_refs(spec),
+                               str(meta.get("uid") or ""))
 
 
 _PA_MODES = ("UNSET", "DISABLE", "PERMISSIVE", "STRICT")
@@ -758,7 +760,7 @@ def parse_peer_authentication(obj: Mapping[str, Any]) -> PeerAuthentication:
     if len(problems) > n:  # whom it is for is unknown: it must not set the mode of a whole namespace
         mode, port_level = "UNSET", {}
     return PeerAuthentication(name, ns, selector, mode, _frozen_int_map(port_level), _rv(meta),
-                              str(meta.get("creationTimestamp") or ""), tuple(problems))
+                              str(meta.get("creationTimestamp") or ""), tuple(problems), str(meta.get("uid") or ""))
 
 
 def _frozen_int_map(d: dict[int, str]) -> Mapping[int, str]:
