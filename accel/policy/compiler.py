@@ -341,6 +341,11 @@ class PolicyCompiler:
     def policy(self, key: ObjectKey) -> PolicyRules | None:
         return self._policies.get(key)
 
+    def selected_subjects(self, key: ObjectKey) -> set[int]:
+        """The subjects (local pod identities) a policy applies to now."""
+        pol = self._policies.get(key)
+        return self._selected(pol) if pol is not None else set()
+
     def facts(self, identity: int) -> PeerFacts | None:
         return self.peers.facts.get(identity)
 
