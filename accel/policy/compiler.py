@@ -118,6 +118,14 @@ def _longest(ipcache: Mapping[str, int], cidr: str) -> int:
     return best[1] if best is not None else ID_WORLD
 
 
+def _matchers(dec: Decision, direction: Direction) -> set[Matcher]:
+    """The matchers whose members need a look of their own for one subject and direction."""
+    out = {m for r in dec.rules for conj in r.peers or () for m, _ in conj}
+    if direction is Direction.EGRESS:  # named ports resolve on the peer
+        out |= {NamedPortHolders(n, p) for r in dec.rules for n, p in r.named_ports}
+    return out
+
+
 def policy_pod(w: Workload) -> bool:
     """Pods policy is about, as subjects and as peers: they have addresses of their own (not the
     node's) and are not finished. The ipcache's pod entries should cover exactly these."""
@@ -317,7 +325,9 @@ class PolicyCompiler:
         self._policies_by_ns: dict[str, set[ObjectKey]] = {}  # scope namespace ("" = every namespace)
         self._rule_ids: dict[ObjectKey, tuple[int, ...]] = {}  # rule-table indices of each policy's rules
         self._default_ids: dict[ObjectKey, int] = {}
-        self._entries_of: dict[int, dict[PolicyKey, PolicyValue]] = {}
+        self._entries_of: dict[int, dict[int, dict[PolicyKey, PolicyValue]]] = {}  # subject -> peer -> entries
+        self._decisions: dict[int, tuple[Decision | None, Decision | None]] = {}  # subject -> (ingress, egress)
+        self._local_changed: set[int] = set()  # identities that became or stopped being subjects
         self._explicit_of: dict[int, frozenset[int]] = {}
         self._explicit_users: dict[int, set[int]] = {}
         self._matchers_of: dict[int, frozenset[Matcher]] = {}
@@ -352,7 +362,15 @@ class PolicyCompiler:
     # --- following the model --------------------------------------------------------------------
 
     def on_change(self, cs: ChangeSet) -> PolicyDiff:
-        dirty: set[int] = set()
+        # Subjects to compile again whole (their policies or their own facts changed), and subjects
+        # of which only some peers changed (new, gone or different identities): those peers only.
+        full: set[int] = set()
+        peer_dirty: dict[int, set[int]] = {}
+
+        def peers_changed(subjects: set[int], peer: int) -> None:
+            for subject in subjects:
+                peer_dirty.setdefault(subject, set()).add(peer)
+
         touched: set[int] = set()
         ipcache_before = dict(self.ipcache)
         for ch in cs.changes:
@@ -368,19 +386,27 @@ class PolicyCompiler:
                     continue
                 self._track(w, add)
                 touched.add(w.security_identity)
+        full |= self._local_changed
+        self._local_changed.clear()
         for i in sorted(touched):
-            dirty |= self._refresh_identity(i)
+            old = self.peers.facts.get(i)
+            facts = self._identity_facts(i)
+            if facts == old:
+                continue
+            peers_changed(self._set_facts(i, facts), i)
+            if old is None or facts is None or old.named_ports != facts.named_ports:
+                full.add(i)  # as a subject: named ports resolve on it (ingress)
         new_problems: list[Problem] = []
         for ch in cs.changes:
             if ch.key.kind in (Kind.NETWORK_POLICY, Kind.AUTHORIZATION_POLICY):
-                dirty |= self._replace_policy(ch.key, ch.new, new_problems)
+                full |= self._replace_policy(ch.key, ch.new, new_problems)
         added, gone = self.cidr_ids.reconcile()
         for cidr, n in gone.items():
             del self.ipcache[cidr]
-            dirty |= self._set_facts(n, None)
+            peers_changed(self._set_facts(n, None), n)
         for cidr, n in added.items():
             self.ipcache[cidr] = n
-            dirty |= self._set_facts(n, PeerFacts(n, PeerKind.CIDR, cidr=cidr))
+            peers_changed(self._set_facts(n, PeerFacts(n, PeerKind.CIDR, cidr=cidr)), n)
         if cs.synced and not self.synced:
             self.synced = True
             for key in sorted(self._policies):
@@ -388,7 +414,7 @@ class PolicyCompiler:
         elif self.synced:
             for key in sorted({ch.key for ch in cs.changes if ch.key in self._policies}):
                 new_problems += self._check_named_ports(key)
-        return self._recompile(dirty, ipcache_before, added, gone, new_problems)
+        return self._recompile(full, peer_dirty, ipcache_before, added, gone, new_problems)
 
     def _track(self, w: Workload, add: bool) -> None:
         i, key = w.security_identity, w.key
@@ -401,6 +427,7 @@ class PolicyCompiler:
                 n = self._local[i] = self._local.get(i, 0) + 1
                 if n == 1:
                     self._subjects_by_ns.setdefault(w.pod.namespace, set()).add(i)
+                    self._local_changed.add(i)
         else:
             self._workloads.pop(key, None)
             pods.discard(key)
@@ -411,6 +438,7 @@ class PolicyCompiler:
                 if left > 0:
                     self._local[i] = left
                 elif self._local.pop(i, None) is not None:
+                    self._local_changed.add(i)
                     group = self._subjects_by_ns[w.pod.namespace]
                     group.discard(i)
                     if not group:
@@ -427,14 +455,8 @@ class PolicyCompiler:
                          frozenset(cp for q in pods for cp in q.named_ports),
                          frozenset(ip for q in pods for ip in q.ips))
 
-    def _refresh_identity(self, i: int) -> set[int]:
-        """New facts for a pod identity: the subjects whose entries may change."""
-        facts = self._identity_facts(i)
-        if facts == self.peers.facts.get(i):
-            return {i} if i in self._entries_of or i in self._local else set()
-        return self._set_facts(i, facts) | {i}
-
     def _set_facts(self, i: int, facts: PeerFacts | None) -> set[int]:
+        """Store an identity's facts; the subjects whose entries for it may change."""
         dirty = set(self._explicit_users.get(i, ()))
         for m in self.peers.set_facts(i, facts):
             dirty |= self._matcher_users.get(m, set())
@@ -530,45 +552,58 @@ class PolicyCompiler:
 
     # --- compiling subjects -------------------------------------------------------------------
 
-    def _recompile(self, dirty: set[int], ipcache_before: dict[str, int], added: dict[str, int],
-                   gone: dict[str, int], problems: list[Problem]) -> PolicyDiff:
-        copies: dict[int, dict[PolicyKey, PolicyValue]] = {}
+    def _recompile(self, full: set[int], peer_dirty: dict[int, set[int]], ipcache_before: dict[str, int],
+                   added: dict[str, int], gone: dict[str, int], problems: list[Problem]) -> PolicyDiff:
+        # A new CIDR's identity starts as a copy of what its addresses resolved to (write order, step 1).
+        copies: dict[int, dict[int, dict[PolicyKey, PolicyValue]]] = {}
         for cidr, n in added.items():
             was = _longest(ipcache_before, cidr)
             for s in sorted(self._explicit_users.get(was, ())):
-                got = {k._replace(peer=n): v for k, v in self._entries_of.get(s, {}).items() if k.peer == was}
+                got = {k._replace(peer=n): v for k, v in self._entries_of.get(s, {}).get(was, {}).items()}
                 if got:
-                    copies.setdefault(s, {}).update(got)
-                    dirty.add(s)
+                    copies.setdefault(s, {})[n] = got
+                    peer_dirty.setdefault(s, set()).add(n)
         ghost_of = {n: _longest(self.ipcache, cidr) for cidr, n in gone.items()}
         ops: dict[str, list[MapOp]] = {phase: [] for phase in ("peer+", "any+", "any-", "peer-", "ghost-")}
         done = []
-        for s in sorted(dirty):
-            new = self._compile_subject(s) if s in self._local and s in self.peers.facts else {}
+        for s in sorted(full | peer_dirty.keys()):
+            old_all = self._entries_of.get(s, {})
             if s not in self._local or s not in self.peers.facts:
+                new_all: dict[int, dict[PolicyKey, PolicyValue]] = {}
                 self._index_subject(s, frozenset(), frozenset())
-            old = self._entries_of.pop(s, {})
-            if new:
-                self._entries_of[s] = new
-            for k in old.keys() - new.keys():
-                del self.entries[k]
-            for k, v in new.items():
-                self.entries[k] = v
-            if s in copies:
-                old = {**old, **copies[s]}
-            target = new
-            for n, there in ghost_of.items():
-                ghost = {k._replace(peer=n): v for k, v in new.items() if k.peer == there}
-                if ghost:
-                    target = {**target, **ghost}
-                    ops["ghost-"] += [MapOp(POLICY_MAP, k, None) for k in ghost]
-            for k, v in target.items():
-                if old.get(k) != v:
-                    ops["any+" if k.peer == ID_ANY else "peer+"].append(MapOp(POLICY_MAP, k, v))
-            for k in old.keys() - target.keys():
-                ops["any-" if k.peer == ID_ANY else "peer-"].append(MapOp(POLICY_MAP, k, None))
+                self._decisions.pop(s, None)
+                diff_peers = set(old_all)
+            elif s in full:
+                new_all = self._compile_subject(s)
+                diff_peers = old_all.keys() | new_all.keys()
+            else:
+                new_all = dict(old_all)
+                diff_peers = peer_dirty[s]
+                self._update_peers(s, diff_peers, new_all)
+            mine = copies.get(s, {})
+            diff_peers = diff_peers | mine.keys() | {n for n, there in ghost_of.items() if there in new_all}
+            for p in diff_peers:
+                before = old_all.get(p, {})
+                after = new_all.get(p, {})
+                for k in before.keys() - after.keys():
+                    del self.entries[k]
+                self.entries.update(after)
+                target = after
+                if p in ghost_of:  # leaves as a ghost of what its addresses will resolve to (steps 6-8)
+                    target = {k._replace(peer=p): v for k, v in new_all.get(ghost_of[p], {}).items()}
+                    ops["ghost-"] += [MapOp(POLICY_MAP, k, None) for k in target]
+                written = mine.get(p, before)
+                for k, v in target.items():
+                    if written.get(k) != v:
+                        ops["any+" if p == ID_ANY else "peer+"].append(MapOp(POLICY_MAP, k, v))
+                for k in written.keys() - target.keys():
+                    ops["any-" if p == ID_ANY else "peer-"].append(MapOp(POLICY_MAP, k, None))
+            if new_all:
+                self._entries_of[s] = new_all
+            else:
+                self._entries_of.pop(s, None)
             done.append(s)
-        copy_ops = [MapOp(POLICY_MAP, k, v) for s in sorted(copies) for k, v in copies[s].items()]
+        copy_ops = [MapOp(POLICY_MAP, k, v) for s in sorted(copies) for got in copies[s].values() for k, v in got.items()]
         ipcache_up = [MapOp(IPCACHE_MAP, c, n) for c, n in added.items()]
         ipcache_rm = [MapOp(IPCACHE_MAP, c, None) for c in gone]
         self.cidr_ids.settle()
@@ -602,18 +637,18 @@ class PolicyCompiler:
         ordered.sort(key=lambda t: t[:3])
         return Decision(tuple(t[3] for t in ordered), tuple(t[4] for t in ordered), np_default, istio_default)
 
-    def _compile_subject(self, s: int) -> dict[PolicyKey, PolicyValue]:
+    def _compile_subject(self, s: int) -> dict[int, dict[PolicyKey, PolicyValue]]:
         facts = self.peers.facts[s]
-        out: dict[PolicyKey, PolicyValue] = {}
+        out: dict[int, dict[PolicyKey, PolicyValue]] = {}
         explicit_all: set[int] = set()
         matchers_all: set[Matcher] = set()
+        decisions: list[Decision | None] = []
         for direction in (Direction.INGRESS, Direction.EGRESS):
             dec = self.decision(facts, direction)
+            decisions.append(dec)
             if dec is None:
                 continue
-            matchers = {m for r in dec.rules for conj in r.peers or () for m, _ in conj}
-            if direction is Direction.EGRESS:
-                matchers |= {NamedPortHolders(n, p) for r in dec.rules for n, p in r.named_ports}
+            matchers = _matchers(dec, direction)
             explicit: set[int] = set()
             for m in matchers:
                 explicit |= self.peers.members(m)
@@ -622,8 +657,58 @@ class PolicyCompiler:
             matchers_all |= matchers
             explicit_all |= explicit
             self._emit(s, facts, direction, dec, explicit, out)
+        self._decisions[s] = (decisions[0], decisions[1])
         self._index_subject(s, frozenset(explicit_all), frozenset(matchers_all))
         return out
+
+    def _update_peers(self, s: int, peers: set[int], out: dict[int, dict[PolicyKey, PolicyValue]]) -> None:
+        """Only some peers of a subject changed (its policies did not): their entries, nothing else."""
+        facts = self.peers.facts[s]
+        matchers = self._matchers_of.get(s, frozenset())
+        explicit = set(self._explicit_of.get(s, ()))
+        for p in peers:
+            out.pop(p, None)
+            host = p == ID_HOST and self.options.host_always_allowed
+            if not host and not any(p in self.peers.members(m) for m in matchers):
+                explicit.discard(p)
+                continue
+            explicit.add(p)
+            for direction, dec in zip((Direction.INGRESS, Direction.EGRESS), self._decisions.get(s, (None, None)),
+                                      strict=True):
+                if dec is None:
+                    continue
+                any_segs = dec.segments(self._signature(facts, direction, dec, ID_ANY))
+                sig = self._signature(facts, direction, dec, p)
+                mine = dec.segments(sig)
+                if host:
+                    mine = host_override(mine)
+                elif mine == any_segs:
+                    continue
+                entries = out.setdefault(p, {})
+                for proto, port, bits, value in peer_template(mine, any_segs):
+                    entries[PolicyKey(s, p, int(direction), proto, port, bits)] = value
+        self._index_subject(s, frozenset(explicit), matchers)
+
+    def _signature(self, facts: PeerFacts, direction: Direction, dec: Decision, p: int) -> Signature:
+        """Which rules match one peer (ANY: 0) and on which ports (signatures() for one peer)."""
+        out = []
+        for ri, r in enumerate(dec.rules):
+            if r.peers is not None and not any(all((p in self.peers.members(m)) != neg for m, neg in conj)
+                                               for conj in r.peers):
+                continue
+            ps = self._rule_ports(r, facts, direction, p)
+            if ps:
+                out.append((ri, ps))
+        return tuple(out)
+
+    def _rule_ports(self, r: Rule, facts: PeerFacts, direction: Direction, p: int) -> P.PortSet:
+        if not r.named_ports:
+            return r.ports
+        on = facts if direction is Direction.INGRESS else self.peers.facts.get(p)  # whose names they are
+        if on is None:
+            return r.ports
+        return P.union(r.ports, P.portset((proto, n, n) for name, proto in r.named_ports
+                                          for n in on.port_named(name, proto)))
 
     def signatures(self, facts: PeerFacts, direction: Direction, dec: Decision,
                    peers: set[int]) -> dict[int, Signature]:
@@ -634,20 +719,10 @@ class PolicyCompiler:
             matched = self._match(r.peers, universe)
             if not matched:
                 continue
-            if r.named_ports and direction is Direction.INGRESS:  # resolved on the subject
-                ps = P.union(r.ports, P.portset((proto, n, n) for name, proto in r.named_ports
-                                                for n in facts.port_named(name, proto)))
-            else:
-                ps = r.ports
             per_peer = bool(r.named_ports) and direction is Direction.EGRESS  # resolved on each peer
+            ps = r.ports if per_peer else self._rule_ports(r, facts, direction, ID_ANY)
             for p in matched:
-                if per_peer:
-                    f = self.peers.facts.get(p)
-                    resolved = P.portset((proto, n, n) for name, proto in r.named_ports
-                                         for n in (f.port_named(name, proto) if f is not None else ()))
-                    pp = P.union(ps, resolved) if resolved else ps
-                else:
-                    pp = ps
+                pp = self._rule_ports(r, facts, direction, p) if per_peer else ps
                 if pp:
                     sigs[p].append((ri, pp))
         return {p: tuple(v) for p, v in sigs.items()}
@@ -666,7 +741,7 @@ class PolicyCompiler:
         return out
 
     def _emit(self, s: int, facts: PeerFacts, direction: Direction, dec: Decision, explicit: set[int],
-              out: dict[PolicyKey, PolicyValue]) -> None:
+              out: dict[int, dict[PolicyKey, PolicyValue]]) -> None:
         sigs = self.signatures(facts, direction, dec, explicit)
         seg_cache: dict[Signature, tuple[Segment, ...]] = {}
 
@@ -680,19 +755,21 @@ class PolicyCompiler:
         any_segs = segs(any_sig)
         d = int(direction)
         for proto, port, bits, value in any_template(any_segs):
-            out[PolicyKey(s, ID_ANY, d, proto, port, bits)] = value
+            out.setdefault(ID_ANY, {})[PolicyKey(s, ID_ANY, d, proto, port, bits)] = value
         templates: dict[tuple[bool, Signature], list[tuple[int, int, int, PolicyValue]]] = {}
         for p in explicit:
             sig = sigs[p]
-            host = p == ID_HOST
+            host = p == ID_HOST and self.options.host_always_allowed
             if sig == any_sig and not host:
                 continue
             t = templates.get((host, sig))
             if t is None:
                 mine = host_override(segs(sig)) if host else segs(sig)
                 t = templates[(host, sig)] = peer_template(mine, any_segs)
-            for proto, port, bits, value in t:
-                out[PolicyKey(s, p, d, proto, port, bits)] = value
+            if t:
+                entries = out.setdefault(p, {})
+                for proto, port, bits, value in t:
+                    entries[PolicyKey(s, p, d, proto, port, bits)] = value
 
     def _index_subject(self, s: int, explicit: frozenset[int], matchers: frozenset[Matcher]) -> None:
         old_e = self._explicit_of.get(s, frozenset())
