@@ -413,3 +413,19 @@ def test_a_cidr_that_goes_leaves_through_a_ghost() -> None:
     assert diff.ops[removal].value is None
     assert all(op.key.peer == n and op.value is None for op in diff.ops[removal + 1:])  # type: ignore[union-attr]
     assert all(k.peer != n for k in c.compiled.entries)
+
+
+def test_named_ports_follow_the_pods_of_an_identity(c: Cluster) -> None:
+    """Replicas of one identity may name different ports: each name is resolved on all of them."""
+    c.apply(netpol("db", "shop", {"podSelector": {"matchLabels": {"app": "db"}},
+                                  "ingress": [{"ports": [{"port": "web"}]}]}),
+            netpol("fe", "web", {"podSelector": {"matchLabels": {"app": "fe"}}, "policyTypes": ["Egress"],
+                                 "egress": [{"ports": [{"port": "web"}]}]}))
+    assert c.conn("shop/api", "shop/db", 8080) is ALLOW and c.conn("shop/api", "shop/db", 8443) is DENY
+    db2 = pod("db2", "shop", "10.244.0.9", {"app": "db"}, sa="db", ports=[("web", 8443, "TCP")])
+    c.apply(db2)  # same identity as db (namespace, service account, labels), "web" is 8443 here
+    assert c.ident("shop/db2") == c.ident("shop/db")
+    assert c.conn("shop/api", "shop/db", 8443) is ALLOW and c.conn("web/fe", "shop/db", 8443) is ALLOW
+    c.delete(db2)
+    assert c.conn("shop/api", "shop/db", 8443) is DENY and c.conn("web/fe", "shop/db", 8443) is DENY
+    assert c.conn("shop/api", "shop/db", 8080) is ALLOW and c.conn("web/fe", "shop/db", 8080) is ALLOW
