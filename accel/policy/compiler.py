@@ -14,6 +14,10 @@ How one subject S and direction is compiled:
    verdict computations and one dict write per entry.
 4. ANY gets entries where its verdict is decided by a rule; each explicit peer gets entries only
    where its verdict or deciding rule differs from ANY's, as disjoint port prefixes.
+What a change recompiles: a policy change, the subjects its old and new scope select; a subject's own
+change (it appears or goes on this node, its named ports change), that subject; an identity that
+comes, goes or changes as a peer (pods, namespace labels, CIDRs), only that peer's entries of the
+subjects that had it as an explicit peer or whose matchers' members changed (peers.py keeps them).
 
 Write order of a diff: every single write keeps every (subject, address or identity, port) at its old
 or its new verdict, never a third one (tests/test_policy_properties.py checks it after each write):
@@ -38,7 +42,7 @@ from __future__ import annotations
 import heapq
 import ipaddress
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -87,14 +91,13 @@ from accel.state.model import (
     ObjectKey,
     Workload,
 )
-from accel.state.store import DEFAULT_ROOT_NAMESPACE
+from accel.state.store import DEFAULT_ROOT_NAMESPACE, ObjectProblemReporter
 
 log = logging.getLogger(__name__)
 
 Value = tuple[int, int]  # (verdict, rule)
 Segment = tuple[int, int, int, int, int]  # (proto, lo, hi, verdict, rule), decided ports only
 Signature = tuple[tuple[int, P.PortSet], ...]  # (position in the rule list, ports it matches) per matching rule
-ObjectProblemReporter = Callable[[str, ObjectKey, str], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,6 +338,7 @@ class PolicyCompiler:
         self._problems: dict[ObjectKey, tuple[Problem, ...]] = {}
         self._port_problems: dict[ObjectKey, tuple[Problem, ...]] = {}
         self._reported: set[tuple[str, ObjectKey, str]] = set()
+        self.problems_total: dict[str, int] = {}  # by reason, each problem counted once when it appears
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -545,6 +549,7 @@ class PolicyCompiler:
         if len(self._reported) > 100_000:
             self._reported.clear()
         self._reported.add(mark)
+        self.problems_total[p.reason] = self.problems_total.get(p.reason, 0) + 1
         log.warning("event=bad_input component=policy reason=%s %s", p.reason, p.message)
         if self.on_problem is not None:
             self.on_problem(p.reason, p.object, p.message)
