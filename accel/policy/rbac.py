@@ -11,8 +11,8 @@ The tunnel knows a peer by its principal `spiffe://<td>/ns/<ns>/sa/<sa>`, not by
   an address to match does not match, and a `notIpBlocks` holds in DENY rules (they then deny more)
   but not in ALLOW rules (they allow less).
 - A principal of no known pod (another cluster, a service account without pods) gets `default`:
-  ALLOW rules match it only through "*"; DENY rules match it unless every pattern they name is the
-  exact principal (or namespace) of a known pod.
+  ALLOW rules match it only through "*" (their not-forms never); DENY rules match it unless every
+  principal they name is the exact principal of a known pod (a namespace can always be its).
 Only TCP is carried by the tunnel, so only TCP ports appear.
 """
 
@@ -65,7 +65,6 @@ def inbound_rbac(compiler: PolicyCompiler, subject: int) -> InboundRbac:
     for f in compiler.peers.facts.values():
         if f.kind is PeerKind.POD:
             known.setdefault(f.principal(td), set()).add(f.number)
-    exact_known = set(known) | {compiler.peers.facts[next(iter(ids))].namespace for ids in known.values()}
     ports = [_ingress_ports(r, facts.port_named) for r in dec.rules]
 
     def member(m: Matcher, ids: set[int] | None, deny: bool) -> bool | None:
@@ -77,8 +76,8 @@ def inbound_rbac(compiler: PolicyCompiler, subject: int) -> InboundRbac:
             members = compiler.peers.members(m)
             return any(i in members for i in ids)
         if isinstance(m, Principals | Namespaces):
-            if deny:
-                return any(p not in exact_known for p in m.patterns)
+            if deny:  # could it be one of the patterns? Only the exact principals of known pods are ruled out
+                return isinstance(m, Namespaces) or any(p not in known for p in m.patterns)
             return "*" in m.patterns
         return False
 
