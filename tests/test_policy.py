@@ -9,9 +9,10 @@ import pytest
 from accel.policy.compiler import PolicyCompiler
 from accel.policy.evaluate import evaluate
 from accel.policy.ports import prefix_range
+from accel.policy.rbac import inbound_rbac
 from accel.policy.types import RULE_HOST, Direction, PolicyKey, Verdict
 from accel.state.identity import CIDR_MAX, CIDR_MIN, ID_ANY, ID_HOST, ID_REMOTE_NODE, ID_WORLD
-from accel.state.model import Kind, ObjectKey
+from accel.state.model import ChangeSet, Kind, ObjectKey
 from tests.policy_cluster import TCP, UDP, Cluster, authz, netpol, ns, pod
 
 pytestmark = pytest.mark.unit
@@ -330,7 +331,6 @@ def test_policy_deleted_reopens_and_removes_everything(c: Cluster) -> None:
 def test_compiler_is_usable_without_a_state_model() -> None:
     """The compiler reads only ChangeSets: an empty one is no work."""
     comp = PolicyCompiler()
-    from accel.state.model import ChangeSet
     assert comp.on_change(ChangeSet()).empty and comp.compiled().entries == {}
 
 
@@ -338,7 +338,6 @@ def test_compiler_is_usable_without_a_state_model() -> None:
 
 
 def test_inbound_rbac_by_principal_and_port(c: Cluster) -> None:
-    from accel.policy.rbac import inbound_rbac
     c.apply(netpol("db", "shop", {"podSelector": {"matchLabels": {"app": "db"}},
                                   "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "web"}}}],
                                                "ports": [{"port": 5432}, {"port": "web"}]},
@@ -364,7 +363,6 @@ def test_inbound_rbac_by_principal_and_port(c: Cluster) -> None:
 
 
 def test_inbound_rbac_unknown_principals_take_the_safe_side(c: Cluster) -> None:
-    from accel.policy.rbac import inbound_rbac
     c.apply(authz("allow", "shop", {"selector": {"matchLabels": {"app": "db"}}, "rules": [
                 {"from": [{"source": {"notPrincipals": ["cluster.local/ns/evil/sa/fe"]}}]}]}),
             authz("deny", "shop", {"selector": {"matchLabels": {"app": "api"}}, "action": "DENY", "rules": [

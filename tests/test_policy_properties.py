@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from typing import Any
 
@@ -15,12 +16,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from accel.policy.compiler import PolicyCompiler, policy_pod
+from accel.policy.compiler import PolicyCompiler, PolicyOptions, policy_pod
 from accel.policy.evaluate import compile_all, evaluate, identity_of_address
+from accel.policy.peers import CidrBlock, IstioIpBlocks, PeerKind
+from accel.policy.rbac import inbound_rbac
 from accel.policy.types import Compiled, Direction, PolicyKey, PolicyValue, RuleRef, Verdict
 from accel.state.identity import CIDR_MAX, CIDR_MIN, ID_HOST, ID_REMOTE_NODE
-from accel.state.model import AuthorizationPolicy, Kind, Namespace, NetworkPolicy, Workload
+from accel.state.model import AuthorizationPolicy, Event, EventType, Kind, Namespace, NetworkPolicy, Workload
 from accel.state.parse import parse_object
+from accel.state.store import ClusterState
 from tests import policy_reference as ref
 from tests.policy_cluster import MapMirror, authz, netpol, ns, pod
 
@@ -162,8 +166,6 @@ def _records(objs: Iterable[dict[str, Any]]) -> list[Any]:
 
 
 def _workloads(records: list[Any]) -> list[Workload]:
-    from accel.state.model import Event, EventType
-    from accel.state.store import ClusterState
     state = ClusterState()
     state.apply([Event(EventType.ADDED, r) for r in records], synced=True)
     return state.workloads()
@@ -238,7 +240,6 @@ def _normalized(compiled: Compiled) -> dict[tuple[Any, ...], tuple[int, RuleRef 
 
 def _edit(obj: dict[str, Any], i: int) -> dict[str, Any]:
     """A changed version of an object: other labels, other selector, other port."""
-    import copy
     o = copy.deepcopy(obj)
     if o["kind"] == "Pod":
         o["metadata"]["labels"] = [{"app": "db"}, {"app": "web"}, {}][i % 3]
@@ -257,9 +258,6 @@ def _edit(obj: dict[str, Any], i: int) -> dict[str, Any]:
                                         max_size=12), st.sampled_from([None, "n1"]))
 def test_incremental_diffs_equal_a_full_recompile(first: list[dict[str, Any]], more: list[dict[str, Any]],
                                                   steps: list[tuple[str, int]], node: str | None) -> None:
-    from accel.policy.compiler import PolicyOptions
-    from accel.state.model import Event, EventType
-    from accel.state.store import ClusterState
     state = ClusterState()
     options = PolicyOptions(node=node)
     compiler = PolicyCompiler(options)
@@ -299,8 +297,6 @@ def test_incremental_diffs_equal_a_full_recompile(first: list[dict[str, Any]], m
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(clusters(), st.data())
 def test_every_write_of_a_diff_keeps_old_or_new_verdicts(objs: list[dict[str, Any]], data: st.DataObject) -> None:
-    from accel.state.model import Event, EventType
-    from accel.state.store import ClusterState
     state = ClusterState()
     compiler = PolicyCompiler()
     mirror = MapMirror()
@@ -375,8 +371,6 @@ def test_the_write_order_property_catches_a_bad_order() -> None:
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(clusters(), st.lists(st.sampled_from(PORTS), min_size=3, max_size=5, unique=True))
 def test_inbound_rbac_agrees_with_the_kernel_for_principals(objs: list[dict[str, Any]], ports: list[int]) -> None:
-    from accel.policy.peers import CidrBlock, IstioIpBlocks, PeerKind
-    from accel.policy.rbac import inbound_rbac
     records = _records(objs)
     compiler = compile_all(records, _workloads(records))
     compiled = compiler.compiled()
