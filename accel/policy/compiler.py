@@ -308,7 +308,7 @@ class RuleTable:
 class PolicyCompiler:
     """Incremental; single-threaded (feed it from the agent's apply loop, as a ChangeSet subscriber).
     `on_problem(reason, object, message)` hears each problem once when it appears (log, metrics, a
-    Kubernetes Event: accel/events.py)."""
+    Kubernetes Event: accel/events.py); without one, problems are logged here."""
 
     def __init__(self, options: PolicyOptions | None = None, on_problem: ObjectProblemReporter | None = None) -> None:
         self.options = options or PolicyOptions()
@@ -550,9 +550,10 @@ class PolicyCompiler:
             self._reported.clear()
         self._reported.add(mark)
         self.problems_total[p.reason] = self.problems_total.get(p.reason, 0) + 1
-        log.warning("event=bad_input component=policy reason=%s %s", p.reason, p.message)
-        if self.on_problem is not None:
+        if self.on_problem is not None:  # the agent's reporter logs and counts
             self.on_problem(p.reason, p.object, p.message)
+        else:
+            log.warning("event=bad_input component=policy reason=%s %s", p.reason, p.message)
         return True
 
     # --- compiling subjects -------------------------------------------------------------------
