@@ -9,6 +9,7 @@ and the xDS bridge (its own rebuild thread and the ADS server's loop).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import queue
@@ -19,24 +20,30 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
-from prometheus_client import REGISTRY, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
 from accel.agent_certs import CertsReconciler
 from accel.agent_flows import AgentFlows
 from accel.agent_xds import DEFAULT_PORT_BASE, Announcement, XdsBridge
+from accel.events import EventReporter
 from accel.flows import DEFAULT_CAPACITY
 from accel.mesh import IpcacheReconciler, LocalPodsReconciler, MeshTables
+from accel.mesh_xds import port_rules
 from accel.metrics import Metrics
 from accel.podns import PodNetnsCache
-from accel.reconcile import LocalEndpointsReconciler
+from accel.policy import PolicyCompiler, PolicyOptions
+from accel.policy_agent import DenyCounters, PolicyEnforcer, PolicyExplainer, PolicyTables, Revoker
+from accel.reconcile import LocalEndpointsReconciler, on_node
 from accel.servicelb import LbTables, ServiceLBReconciler
 from accel.sources.base import Source
 from accel.state.identity import DEFAULT_TRUST_DOMAIN
-from accel.state.model import ChangeSet, Event, Kind, MtlsMode, Pod
+from accel.state.model import ChangeSet, Event, Kind, MtlsMode, ObjectKey, Pod, Workload
 from accel.state.store import ClusterState
 from certs.manager import CertManager
 from sockops_bpf.layout import IDENTITY_HOST
+from xds.hbone import PortRule
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +72,7 @@ class AgentConfig:
     node_addresses: tuple[str, ...] = ()
     splice_loopback: bool = False  # loopback in local_endpoints: app <-> node Envoy legs are spliced
     envoy_access_log: str | None = None  # the node Envoy logs each tunnel here (JSON lines)
+    istio_root_namespace: str = "istio-system"  # AuthorizationPolicies and PeerAuthentications here apply mesh-wide
     flows_kept: int = DEFAULT_CAPACITY  # the last N flows served by /flows (accel observe)
     als_listen: str | None = None  # "HOST:PORT" or "unix:PATH": Envoy's access log service; None: off
 
@@ -92,13 +100,28 @@ class Agent:
     def __init__(self, config: AgentConfig, source: Source, local_endpoints: MutableMapping[str, int], *,
                  reconciler: type[LocalEndpointsReconciler] = LocalEndpointsReconciler,
                  cert_manager: CertManager | None = None, lb_tables: LbTables | None = None,
-                 mesh_tables: MeshTables | None = None, flow_events: Path | None = None) -> None:
+                 mesh_tables: MeshTables | None = None, policy_tables: PolicyTables | None = None,
+                 flow_events: Path | None = None) -> None:
         """`flow_events`: the pin folder whose eBPF flow events the agent reads (None: no kernel flows)."""
         self.config = config
         self.source = source
         self.metrics = Metrics()
+        # Bad input is logged and counted always, and also reported on its object (a Kubernetes Event)
+        # when the source is the API server.
+        self.events: EventReporter | None = None
+        api = getattr(source, "api", None)
+        if source.name == "kube" and api is not None:
+            self.events = EventReporter(api, host=config.node, uid_of=lambda k: getattr(self.state.get(k), "uid", ""))
         self.state = ClusterState(trust_domain=config.trust_domain, default_mtls=config.default_mtls,
-                                  state_dir=config.state_dir, on_problem=self.report_problem)
+                                  state_dir=config.state_dir, on_problem=self.report_problem,
+                                  on_object_problem=self._object_event, root_namespace=config.istio_root_namespace)
+        # Identity policy (accel/policy_agent.py): subscribed first, so a new identity's entries are in the
+        # policy map before the ipcache starts naming addresses by it.
+        self.policy = PolicyEnforcer(
+            PolicyCompiler(PolicyOptions(trust_domain=config.trust_domain, root_namespace=config.istio_root_namespace,
+                                         node=config.node), on_problem=self._object_problem),
+            policy_tables, self.metrics, pod_owns=self._pod_owns)
+        self.state.subscribe(self.policy.on_change)
         fixed = dict.fromkeys(config.node_addresses, IDENTITY_HOST)
         if config.splice_loopback:
             fixed.update({"127.0.0.1": 0, "::1": 0})
@@ -137,14 +160,27 @@ class Agent:
 
             self.xds = XdsBridge(config.node, self.state, self.certs, config.l7_bind, config.l7_port_base,
                                  self.report_problem, on_announce, self.netns, config.trust_domain,
-                                 config.envoy_access_log, config.als_listen)
+                                 config.envoy_access_log, config.als_listen, self._tunnel_rbac)
             if self.local_pods is not None:
                 self.state.subscribe(self._seed_announcement)
             self.state.subscribe(self.xds.on_change)
         # Flows (accel/agent_flows.py): producers call self.flows.record(flow); served at /flows.
         self.flows = AgentFlows(config.node, self.state, config.flows_kept, config.als_listen, self.report_problem)
         if flow_events is not None:
-            self.flows.attach_kernel(flow_events, self._l7_listeners)
+            self.flows.attach_kernel(flow_events, self._l7_listeners, self.policy.rule_name)
+        self.explainer = PolicyExplainer(self.policy, self.state, config.node,
+                                         policy_tables.policy if policy_tables is not None else None,
+                                         mesh_tables.ipcache if mesh_tables is not None else None)
+        self.policy_registry = CollectorRegistry()
+        if policy_tables is not None:
+            self.policy_registry.register(DenyCounters(policy_tables.denies, self.policy))
+        # Closing what a policy change no longer allows (netlink SOCK_DESTROY), in a thread of its own.
+        self.revoker: Revoker | None = None
+        if policy_tables is not None:
+            self.revoker = Revoker(self.policy, self.state, config.node, self.netns,
+                                   getattr(mesh_tables, "orig_dst", None), config.node_addresses,
+                                   self._served_pods, self.metrics)
+            self.policy.on_revoke = self.revoker.wake
         self._queue: queue.SimpleQueue[tuple[object, float]] = queue.SimpleQueue()
         self._stop = threading.Event()
         self.ready = threading.Event()
@@ -167,6 +203,10 @@ class Agent:
         self.flows.start()
         if self.certs is not None:
             self.certs.manager.start()
+        if self.events is not None:
+            self.events.start()
+        if self.revoker is not None:
+            self.revoker.start()
         if self.xds is not None and self.config.xds_listen is not None:
             self.xds.start(self.config.xds_listen)
         self._spawn("source", lambda: self.source.run(sink, self._stop))
@@ -195,6 +235,10 @@ class Agent:
             self.xds.stop()
         if self.certs is not None:
             self.certs.manager.stop()
+        if self.revoker is not None:
+            self.revoker.stop()
+        if self.events is not None:
+            self.events.stop()
         log.info("event=agent_stopped node=%s", self.config.node)
 
     def request_stop(self) -> None:
@@ -262,6 +306,24 @@ class Agent:
         if self.xds is None:
             return set()
         return {f"{ip}:{port}" for ip, port in self.xds.announced.l7_targets.values()}
+
+    def _tunnel_rbac(self, w: Workload) -> tuple[PortRule, ...] | None:
+        return port_rules(self.policy.rbac(w.security_identity))
+
+    def _object_event(self, reason: str, key: ObjectKey, message: str) -> None:
+        """Bad input on an object: an Event on it (in cluster); the log and count are report_problem's."""
+        if self.events is not None:
+            self.events.report(reason, key, message)
+
+    def _object_problem(self, reason: str, key: ObjectKey, message: str) -> None:
+        self.report_problem(reason, message)
+        self._object_event(reason, key, message)
+
+    def _pod_owns(self, cidr: str) -> bool:
+        return self.ipcache is not None and cidr in self.ipcache.desired()
+
+    def _served_pods(self) -> list[Workload]:
+        return [w for w in self.state.workloads() if on_node(w, self.config.node)]
 
     def _seed_announcement(self, cs: ChangeSet) -> None:
         """At the first sync, after local_pods adopted the map: the pods captured before we started."""
@@ -352,10 +414,25 @@ class Agent:
             "flows": self.flows.status(),
         }
 
+    def policy_check(self, query: dict[str, list[str]]) -> tuple[int, dict[str, Any]]:
+        """GET /policy/check?src=&dst=&port=&proto= (accel policy check)."""
+        try:
+            src, dst, port = query["src"][0], query["dst"][0], int(query["port"][0])
+            proto = {"tcp": 6, "udp": 17, "sctp": 132}[query.get("proto", ["tcp"])[0].lower()]
+        except (KeyError, IndexError, ValueError):
+            return 400, {"error": "give src, dst (an IP or namespace/pod), port (a number) and proto (tcp|udp|sctp)"}
+        if not 0 < port < 65536:
+            return 400, {"error": f"port {port} is not 1..65535"}
+        try:
+            c = self.explainer.check(src, dst, port, proto)
+        except ValueError as e:
+            return 404, {"error": str(e)}
+        return 200, dataclasses.asdict(c)
+
     def metrics_text(self) -> bytes:
         """The agent's registry, plus the process-wide one where the CSR client, cert and xDS
         counters live (NACKs by type, streams) when those parts run."""
-        text = self.metrics.render() + self.flows.metrics_text()
+        text = self.metrics.render() + self.flows.metrics_text() + generate_latest(self.policy_registry)
         if self.certs is not None or self.xds is not None:
             text += generate_latest(REGISTRY)
         return text
@@ -387,8 +464,11 @@ def _serve(agent: Agent, listen: tuple[str, int]) -> ThreadingHTTPServer:
                 self._send(200, json.dumps(agent.status()).encode(), "application/json")
             elif path == "/flows":
                 agent.flows.serve_http(self)
+            elif path == "/policy/check":
+                code, doc = agent.policy_check(parse_qs(urlsplit(self.path).query))
+                self._send(code, json.dumps(doc).encode(), "application/json")
             else:
-                self._send(404, b"not found: try /healthz /readyz /metrics /status /flows\n")
+                self._send(404, b"not found: try /healthz /readyz /metrics /status /flows /policy/check\n")
 
         def do_POST(self) -> None:  # noqa: N802
             if self.path.split("?", 1)[0] != "/certs/refresh":

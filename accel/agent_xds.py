@@ -33,18 +33,30 @@ from accel.agent_certs import CertsReconciler, wants_certificate
 from accel.mesh import sends_hbone
 from accel.mesh_xds import MeshPod, baggage_of, mesh_resources
 from accel.podns import PodNetnsCache
-from accel.state.model import ChangeSet, EndpointSlice, HTTPRoute, Kind, ObjectKey, Service, ServicePort
+from accel.state.model import (
+    ChangeSet,
+    EndpointSlice,
+    HTTPRoute,
+    Kind,
+    ObjectKey,
+    Service,
+    ServicePort,
+    Workload,
+)
 from accel.state.store import ClusterState
 from accel.translate import L7Options, translate
 from xds import resources as R
 from xds.access_log import als_cluster, attach, http_access_log, tcp_access_log
 from xds.cache import LISTENER, SHORT_NAMES, Resources, SnapshotCache, snapshot_of
+from xds.hbone import PortRule
 from xds.sds import build_secrets
 from xds.server import XdsServer
 
 log = logging.getLogger(__name__)
 
 L7_KINDS = frozenset({Kind.SERVICE, Kind.ENDPOINT_SLICE, Kind.HTTP_ROUTE})
+# What the HBONE listeners' RBAC is made of.
+POLICY_KINDS = frozenset({Kind.NETWORK_POLICY, Kind.AUTHORIZATION_POLICY, Kind.NAMESPACE})
 DEFAULT_PORT_BASE = 15100
 
 
@@ -99,7 +111,8 @@ class XdsBridge:
                  port_base: int, on_problem: Callable[[str, str], None],
                  on_announce: Callable[[Announcement], None] | None = None,
                  netns: PodNetnsCache | None = None, trust_domain: str = "cluster.local",
-                 access_log_path: str | None = None, als_address: str | None = None) -> None:
+                 access_log_path: str | None = None, als_address: str | None = None,
+                 rbac_of: Callable[[Workload], tuple[PortRule, ...] | None] = lambda _w: None) -> None:
         self.node = node
         self.state = state
         self.certs = certs
@@ -108,6 +121,7 @@ class XdsBridge:
         self.on_problem = on_problem
         self.netns = netns
         self.trust_domain = trust_domain
+        self.rbac_of = rbac_of  # the HBONE inbound's policy of a pod (the agent's policy compiler)
         # Access logs: a JSON file (--envoy-access-log) and/or the agent's ALS server (--als-listen: flows).
         files = [R.file_access_log(access_log_path)] if access_log_path else []
         self.als_cluster = als_cluster(als_address) if als_address else None
@@ -151,7 +165,7 @@ class XdsBridge:
         return self._thread is not None and self._thread.is_alive()
 
     def on_change(self, cs: ChangeSet) -> None:
-        if cs.synced or cs.workloads or any(c.key.kind in L7_KINDS for c in cs.changes):
+        if cs.synced or cs.workloads or any(c.key.kind in L7_KINDS | POLICY_KINDS for c in cs.changes):
             self._dirty.set()
 
     def adopt(self, already: Announcement) -> None:
@@ -263,7 +277,7 @@ class XdsBridge:
             ns = self.netns.get(w.pod)
             if ns is None:
                 continue  # the local_pods reconciler retries and pokes us when found
-            out.append(MeshPod(w.key, w.pod.ips, w.identity.spiffe_id, ns.path, baggage_of(w)))
+            out.append(MeshPod(w.key, w.pod.ips, w.identity.spiffe_id, ns.path, baggage_of(w), self.rbac_of(w)))
         return out
 
     def _announce(self, a: Announcement) -> None:

@@ -20,6 +20,7 @@ from typing import Protocol
 
 from accel.metrics import Metrics
 from accel.podns import PodNetnsCache
+from accel.policy_agent import owned_by_policy
 from accel.reconcile import AddressMapReconciler, on_node
 from accel.state.model import ChangeSet, MtlsMode, ObjectKey, Workload
 from accel.state.store import ClusterState
@@ -37,8 +38,10 @@ class MeshTables(Protocol):
 
 
 def kernel_identity(w: Workload) -> int:
-    """The number the kernel knows a workload by (ipcache, local_pods, local_endpoints)."""
-    return w.identity.number
+    """The number the kernel knows a workload by (ipcache, local_pods, local_endpoints, the policy map):
+    its security identity (namespace, service account, labels), which policy selectors are functions of.
+    The SPIFFE number (w.identity) is for certificates."""
+    return w.security_identity
 
 
 def sends_hbone(w: Workload) -> bool:
@@ -84,6 +87,10 @@ class IpcacheReconciler(AddressMapReconciler[AddressInfo]):
 
         fixed = {host_key(ip): AddressInfo(IDENTITY_HOST, IPC_F_HOST) for ip in node_addresses}
         super().__init__(table, entries, metrics, fixed)
+
+    def _owned(self, key: str, value: AddressInfo) -> bool:
+        """The policy compiler's CIDR entries share the map; their identities are its own range."""
+        return not owned_by_policy(value) and super()._owned(key, value)
 
 
 class LocalPodsReconciler:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from envoy.config.accesslog.v3 import accesslog_pb2
 
+from accel.policy.rbac import InboundRbac
+from accel.policy.types import Verdict
 from accel.state.model import ObjectKey, Workload
 from xds import hbone
 from xds.cache import Resources
@@ -30,6 +32,7 @@ class MeshPod:
     spiffe_id: str  # also the name of its certificate secret (SDS)
     netns: str  # path Envoy opens to create the pod's listeners inside its namespace
     baggage: str
+    rbac: tuple[hbone.PortRule, ...] | None = None  # who may open tunnels to which port; None: no policy
 
 
 def origination_cluster_name(spiffe_id: str) -> str:
@@ -55,6 +58,18 @@ def baggage_of(w: Workload) -> str:
     return hbone.baggage(w.pod.namespace, w.pod.name, "pod", service, version)
 
 
+def port_rules(rbac: InboundRbac) -> tuple[hbone.PortRule, ...] | None:
+    """The compiler's verdicts for one pod's tunnels as Envoy RBAC port rules (None: no policy applies)."""
+    if not rbac.ranges:
+        return None
+    out = []
+    for r in rbac.ranges:
+        allow = r.default[0] is Verdict.ALLOW
+        odd = tuple(sorted(p for p, (v, _rule) in r.principals.items() if (v is Verdict.ALLOW) != allow))
+        out.append(hbone.PortRule(r.lo, r.hi, allow, odd))
+    return tuple(out)
+
+
 def mesh_resources(pods: Iterable[MeshPod], trust_domain: str,
                    outbound_log: Callable[[MeshPod], Sequence[accesslog_pb2.AccessLog]] = lambda _p: (),
                    inbound_log: Sequence[accesslog_pb2.AccessLog] = ()) -> tuple[Resources, list[str]]:
@@ -69,8 +84,9 @@ def mesh_resources(pods: Iterable[MeshPod], trust_domain: str,
         source_ip = next((ip for ip in p.ips if ":" not in ip), p.ips[0])
         listeners.append(hbone.capture_listener(capture_listener_name(p.key), p.netns, cluster, source_ip,
                                                 p.baggage, outbound_log(p)))
+        rbac = hbone.connect_rbac(p.rbac) if p.rbac is not None else None
         listeners.append(hbone.inbound_listener(inbound_listener_name(p.key), p.ips, p.netns, p.spiffe_id,
-                                                trust_name(p.spiffe_id), trust_domain, DELIVERY_CLUSTER,
+                                                trust_name(p.spiffe_id), trust_domain, DELIVERY_CLUSTER, rbac=rbac,
                                                 access_log=inbound_log))
     out = list(clusters.values())
     if listeners:

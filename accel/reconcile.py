@@ -63,8 +63,8 @@ class AddressMapReconciler(Generic[V]):
         self.last_applied = 0.0  # time.monotonic() of the last map write (or sync)
         self.state: ClusterState | None = None  # set by the agent; only full-resync baselines read it
 
-    def _owned(self, key: str) -> bool:
-        """Loopback keys that are not ours to set (the lab's) are never touched."""
+    def _owned(self, key: str, value: V) -> bool:
+        """Entries not ours are never touched: loopback keys we were not given (the lab's)."""
         return key in self.fixed or not _loopback(key)
 
     def desired(self) -> dict[str, V]:
@@ -106,7 +106,7 @@ class AddressMapReconciler(Generic[V]):
     def full_correction(self) -> None:
         """Read the map once and make it equal to the model, entry by entry."""
         t0 = time.perf_counter()
-        actual = {k: v for k, v in self.table.items() if self._owned(k)}
+        actual = {k: v for k, v in self.table.items() if self._owned(k, v)}
         self._mirror = dict(actual)
         want = self.desired()
         stale = [k for k in actual if k not in want]
@@ -150,7 +150,7 @@ class AddressMapReconciler(Generic[V]):
 
     def matches_model(self) -> bool:
         """The map holds exactly what the model wants (reads the whole map: tests and status only)."""
-        return {k: v for k, v in self.table.items() if self._owned(k)} == self.desired()
+        return {k: v for k, v in self.table.items() if self._owned(k, v)} == self.desired()
 
 
 class LocalEndpointsReconciler(AddressMapReconciler[int]):
@@ -164,6 +164,6 @@ class LocalEndpointsReconciler(AddressMapReconciler[int]):
         self.node = node
 
         def entries(w: Workload) -> dict[str, int]:
-            return {ip: w.identity.number for ip in w.pod.ips} if on_node(w, node) else {}
+            return {ip: w.security_identity for ip in w.pod.ips} if on_node(w, node) else {}
 
         super().__init__(table, entries, metrics, fixed)

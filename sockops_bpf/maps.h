@@ -560,6 +560,13 @@ static __always_inline void flow_send(struct flow_event *e)
     flow_count(err == 0 ? FLOW_CNT_EMITTED : FLOW_CNT_DROPPED);
 }
 
+static __always_inline int ip_equal(struct ip_addr *a, struct ip_addr *b)
+{
+    /* word by word: __builtin_memcmp becomes a call to memcmp, which eBPF cannot make */
+    __u32 *x = (__u32 *)a->addr, *y = (__u32 *)b->addr;
+    return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
+}
+
 static __always_inline int ip_is_v4(struct ip_addr *ip)
 {
     return ip->addr[10] == 0xff && ip->addr[11] == 0xff;

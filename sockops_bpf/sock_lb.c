@@ -224,6 +224,10 @@ static __always_inline int policy_allows(struct local_pod *src, __u32 proto, str
 {
     __u32 src_id = src ? src->identity : IDENTITY_HOST;
     __u32 dst_id = peer ? peer->identity : IDENTITY_WORLD;
+    /* A pod talking to itself: Kubernetes says no policy blocks it (and an identity cannot tell a pod from
+     * its replicas). */
+    if (src && (ip_equal(&src->ip4, &dst->ip) || ip_equal(&src->ip6, &dst->ip)))
+        return 1;
     if (src && policy_verdict(src_id, dst_id, POL_EGRESS, (__u8)proto, dst->port, rule) == POL_DENY)
         return 0;
     if (peer && (peer->flags & IPC_F_LOCAL) &&

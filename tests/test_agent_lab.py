@@ -45,7 +45,7 @@ def expected(folder: Path) -> dict[str, int]:
     st = ClusterState()
     for f in sorted(folder.glob("*.yaml")):
         st.apply([Event(EventType.ADDED, parse_object(json.loads(f.read_text())))])
-    return {ip: w.identity.number for w in st.workloads() if w.pod.node == NODE for ip in w.pod.ips}
+    return {ip: w.security_identity for w in st.workloads() if w.pod.node == NODE for ip in w.pod.ips}
 
 
 def pinned(lab: Lab) -> dict[str, int]:

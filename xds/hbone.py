@@ -31,11 +31,13 @@ certificates for pods scheduled on it (certs/), which is the guarantee we lean o
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, protocol_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.rbac.v3 import rbac_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
@@ -45,7 +47,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
-from envoy.type.matcher.v3 import string_pb2
+from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from google.protobuf import wrappers_pb2
 
 from xds.resources import duration, pack, sds_secret_config
@@ -260,3 +262,82 @@ def inbound_listener(name: str, pod_ips: Sequence[str], netns: str, cert_secret:
     _addresses(listener, list(pod_ips), HBONE_PORT, netns)
     return listener
 
+
+
+# ---- policy on the HBONE inbound: Envoy RBAC over the tunnel's principal and target port ----------------
+
+
+@dataclass(frozen=True, slots=True)
+class PortRule:
+    """TCP ports lo..hi of the pod behind the listener: every client principal gets `default_allow`, except
+    those in `exceptions`, which get the opposite."""
+
+    lo: int
+    hi: int
+    default_allow: bool
+    exceptions: tuple[str, ...] = ()
+
+
+def port_range_regex(lo: int, hi: int) -> str:
+    """An RE2 alternation matching exactly the decimal numbers lo..hi (no leading zeros)."""
+    def same_length(a: str, b: str) -> list[str]:
+        if a == b:
+            return [a]
+        if len(a) == 1:
+            return [f"[{a}-{b}]"]
+        if a[0] == b[0]:
+            return [a[0] + p for p in same_length(a[1:], b[1:])]
+        n = len(a) - 1
+        out: list[str] = []
+        first, last = int(a[0]), int(b[0])
+        if a[1:] != "0" * n:  # a's leading digit, from a's tail up
+            out += [a[0] + p for p in same_length(a[1:], "9" * n)]
+            first += 1
+        full_last = b[1:] == "9" * n
+        if not full_last:
+            last -= 1
+        if first <= last:  # whole decades in between
+            digit = str(first) if first == last else f"[{first}-{last}]"
+            out.append(digit + "[0-9]" * n)
+        if not full_last:
+            out += [b[0] + p for p in same_length("0" * n, b[1:])]
+        return out
+
+    parts: list[str] = []
+    while lo <= hi:
+        top = min(hi, 10 ** len(str(lo)) - 1)  # numbers of lo's length
+        parts += same_length(str(lo), str(top))
+        lo = top + 1
+    return "|".join(parts)
+
+
+def _authority_port(lo: int, hi: int) -> rbac_pb2.Permission:
+    """The CONNECT target's port (`:authority` is ip:port or [ip]:port) in lo..hi."""
+    regex = f"^.*:(?:{port_range_regex(lo, hi)})$"
+    return rbac_pb2.Permission(header=route_components_pb2.HeaderMatcher(
+        name=":authority", string_match=string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=regex))))
+
+
+def _principal(spiffe_id: str) -> rbac_pb2.Principal:
+    """The client certificate's URI SAN (the tunnel's only source of identity)."""
+    return rbac_pb2.Principal(authenticated=rbac_pb2.Principal.Authenticated(
+        principal_name=string_pb2.StringMatcher(exact=spiffe_id)))
+
+
+def connect_rbac(rules: Sequence[PortRule]) -> http_rbac_pb2.RBAC:
+    """An allow-list RBAC for the HBONE listener's HTTP filter chain: a CONNECT passes when a rule's port
+    range holds its target port and the rule allows its client principal; anything else is denied (403,
+    which the listener answers as 401). `rules` must cover every port (ports no rule names are denied)."""
+    policies: dict[str, rbac_pb2.Policy] = {}
+    for r in rules:
+        exceptions = [_principal(p) for p in sorted(r.exceptions)]
+        if r.default_allow:
+            principals = [rbac_pb2.Principal(any=True)] if not exceptions else [rbac_pb2.Principal(
+                not_id=rbac_pb2.Principal(or_ids=rbac_pb2.Principal.Set(ids=exceptions)))]
+        elif exceptions:
+            principals = exceptions
+        else:
+            continue  # nobody on these ports
+        policies[f"ports-{r.lo}-{r.hi}"] = rbac_pb2.Policy(permissions=[_authority_port(r.lo, r.hi)],
+                                                            principals=principals)
+    return http_rbac_pb2.RBAC(rules=rbac_pb2.RBAC(action=rbac_pb2.RBAC.ALLOW, policies=policies))

@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 from collections.abc import MutableMapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,8 @@ def register(sub: Any) -> None:
                         "that is no service fails at once with ECONNREFUSED")
     p.add_argument("--default-mtls", choices=[m.value for m in MtlsMode], default="disable",
                    help="mTLS mode for pods with no meshaccel.io/mtls annotation on pod or namespace")
+    p.add_argument("--istio-root-namespace", default="istio-system", metavar="NS",
+                   help="Istio's root namespace: AuthorizationPolicy and PeerAuthentication there apply mesh-wide")
     p.add_argument("--node-address", action="append", default=[], metavar="IP",
                    help="an address this node's host-network processes reach its pods from (the node Envoy's "
                         "connections to pods); repeat for IPv6. Known to the kernel as this node (HOST)")
@@ -96,11 +99,22 @@ def make_source(spec: str, kubeconfig: str | None) -> Source:
     raise UserError(f"--source {spec!r} is not 'kube' or 'manifests:DIR'")
 
 
-def open_maps(kind: str, instance: str, cgroup: Path | None) -> tuple[MutableMapping[str, int], Any, Any, Any]:
-    """The local endpoint map, the service LB maps and the mesh maps (None in memory mode), and the
-    objects that own them (closed on exit)."""
+@dataclass
+class KernelMaps:
+    """The pinned maps the agent writes (all None in memory mode) and what to close on exit."""
+
+    local_endpoints: MutableMapping[str, int]
+    lb: Any = None
+    mesh: Any = None
+    policy: Any = None  # .policy (the policy map) and .ipcache (for the compiler's CIDRs)
+    owners: list[Any] = field(default_factory=list)
+
+
+def open_maps(kind: str, instance: str, cgroup: Path | None) -> KernelMaps:
     if kind == "memory":
-        return {}, None, None, []
+        return KernelMaps({})
+    from types import SimpleNamespace
+
     from sockops_bpf import loader, maps
 
     if kind == "bpf":
@@ -109,7 +123,9 @@ def open_maps(kind: str, instance: str, cgroup: Path | None) -> tuple[MutableMap
     pinned = maps.open_pinned(pdir)
     lb = maps.open_lb(pdir)
     mesh = maps.open_mesh(pdir)
-    return pinned.local_endpoints, lb, mesh, [pinned, lb, mesh]
+    pol = maps.open_policy(pdir)
+    return KernelMaps(pinned.local_endpoints, lb, mesh, SimpleNamespace(policy=pol.policy, ipcache=mesh.ipcache, denies=pol.denies),
+                      [pinned, lb, mesh, pol])
 
 
 def load_in_child(instance: str, cgroup: Path | None) -> None:
@@ -198,16 +214,16 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         raise UserError(f"--state-dir {args.state_dir}: cannot create it ({e.strerror})") from e
     node_addresses = check_addresses(args.node_address)
-    table, lb, mesh, owners = open_maps(args.maps, args.instance or args.node, args.cgroup)
+    km = open_maps(args.maps, args.instance or args.node, args.cgroup)
     cfg = AgentConfig(node=args.node, state_dir=args.state_dir, listen=listen, trust_domain=args.trust_domain,
                       default_mtls=MtlsMode(args.default_mtls), xds_listen=xds_listen, l7_bind=args.l7_bind,
                       l7_port_base=args.l7_port_base, service_cidrs=tuple(args.service_cidr),
                       node_addresses=node_addresses, splice_loopback=args.splice_loopback and args.maps != "memory",
                       envoy_access_log=args.envoy_access_log, flows_kept=args.flows_kept,
-                      als_listen=als_listen)
+                      als_listen=als_listen, istio_root_namespace=args.istio_root_namespace)
     try:
-        agent = Agent(cfg, source, table, cert_manager=certs, lb_tables=lb, mesh_tables=mesh,
-                      flow_events=mesh.pin_dir if mesh is not None else None)
+        agent = Agent(cfg, source, km.local_endpoints, cert_manager=certs, lb_tables=km.lb, mesh_tables=km.mesh,
+                      policy_tables=km.policy, flow_events=km.mesh.pin_dir if km.mesh is not None else None)
     except OSError as e:
         raise UserError(f"--listen {args.listen}: cannot listen ({e.strerror})") from e
     stopping = False
@@ -235,6 +251,6 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     agent.wait()
     agent.stop()
-    for owner in owners:
+    for owner in km.owners:
         owner.close()  # the pins stay: the kernel keeps the fast path and service LB while no agent runs
     return 0

@@ -69,6 +69,7 @@ from accel.policy.types import (
     POLICY_MAP,
     RULE_DEFAULT_ALLOW,
     RULE_HOST,
+    RULE_NONE,
     Compiled,
     Direction,
     MapOp,
@@ -362,6 +363,19 @@ class PolicyCompiler:
 
     def facts(self, identity: int) -> PeerFacts | None:
         return self.peers.facts.get(identity)
+
+    def verdict(self, subject: int, peer: int, direction: Direction, proto: int, port: int) -> tuple[Verdict, int]:
+        """Any subject's verdict, a pod's of another node too, straight from the rules: what that node's
+        kernel decides. (This node's subjects: `evaluate()` over the entries gives the same.) For closing
+        this node's connections to pods elsewhere that a change no longer allows."""
+        facts = self.peers.facts.get(subject)
+        dec = self.decision(facts, direction) if facts is not None else None
+        if facts is None or dec is None:
+            return Verdict.ALLOW, RULE_NONE
+        if peer == ID_HOST and self.options.host_always_allowed:
+            return Verdict.ALLOW, RULE_HOST
+        v = dec.decide(self._signature(facts, direction, dec, peer), proto, port)
+        return (Verdict(v[0]), v[1]) if v is not None else (Verdict.ALLOW, RULE_NONE)
 
     # --- following the model --------------------------------------------------------------------
 
