@@ -193,7 +193,7 @@ class Agent:
         self.events_applied = 0
         self.lag_seconds = 0.0  # age of the oldest event in the batch being applied
         self._problems_lock = threading.Lock()
-        self._last_problem_log: dict[str, float] = {}
+        self._last_problem_log: dict[tuple[str, str], float] = {}
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -264,16 +264,20 @@ class Agent:
     # --- problems -----------------------------------------------------------------------------
 
     def report_problem(self, reason: str, message: str) -> None:
-        """Bad input or a transient failure: counted always, logged at most once a second per reason."""
+        """Bad input or a transient failure: counted always, logged at most once a second per reason and
+        object (the message's start names it), so one noisy object hides no other."""
         if reason in TRANSIENT:
             self.metrics.errors.labels("source", reason).inc()
         else:
             self.metrics.bad_input.labels(reason).inc()
         now = time.monotonic()
+        key = (reason, message[:100])
         with self._problems_lock:
-            if now - self._last_problem_log.get(reason, -10.0) < 1.0:
+            if now - self._last_problem_log.get(key, -10.0) < 1.0:
                 return
-            self._last_problem_log[reason] = now
+            if len(self._last_problem_log) > 10_000:
+                self._last_problem_log.clear()
+            self._last_problem_log[key] = now
         log.warning("event=problem reason=%s %s", reason, message)
 
     # --- the apply loop -----------------------------------------------------------------------

@@ -228,8 +228,8 @@ class XdsBridge:
             l7_listeners = tuple(attach(lis, http=http_access_log("l7", "outbound", "/".join(lis.name.split("|")[1:3])))
                                  for lis in res.listeners)
         extra = (self.als_cluster,) if self.als_cluster is not None else ()
-        res = Resources(res.clusters + mesh.clusters + extra, res.endpoints, l7_listeners + mesh.listeners, res.routes,
-                        res.problems)
+        res = Resources(res.clusters + mesh.clusters + extra, res.endpoints, l7_listeners + mesh.listeners,
+                        res.routes + mesh.routes, res.problems)
         secrets = build_secrets(secret_names, self.certs.secret_source) if self.certs is not None else []
         snap = snapshot_of(res, secrets)
         if res.problems != self.problems:

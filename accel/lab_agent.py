@@ -31,7 +31,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,20 +62,29 @@ PODS_FILE = "lab-pods.yaml"
 
 def pods_manifest(lab: Lab, mtls: MtlsMode | None = None, annotations: Mapping[str, Mapping[str, str]] | None = None,
                   labels: Mapping[str, Mapping[str, str]] | None = None,
-                  service_accounts: Mapping[str, str | None] | None = None) -> str:
-    """The lab's Namespace and Pods as the agents must see them: lab IPs, their nodes, one SA per pod
+                  service_accounts: Mapping[str, str | None] | None = None,
+                  namespaces: Mapping[str, str] | None = None,
+                  namespace_labels: Mapping[str, Mapping[str, str]] | None = None,
+                  ports: Mapping[str, Sequence[tuple[str, int]]] | None = None) -> str:
+    """The lab's Namespaces and Pods as the agents must see them: lab IPs, their nodes, one SA per pod
     (named after it, unless `service_accounts` says otherwise; None: no serviceAccountName at all).
-    `mtls` annotates the namespace; `annotations` and `labels` (by pod name) are added to pods."""
-    ns: dict[str, Any] = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}
-    if mtls is not None:
-        ns["metadata"]["annotations"] = {MTLS_ANNOTATION: str(mtls)}
-    docs = [ns]
+    By pod name: `namespaces` (default "lab"), `annotations` and `labels` added, container `ports`
+    (name, number). `mtls` annotates every namespace; `namespace_labels` labels them."""
+    docs: list[dict[str, Any]] = []
+    for name in sorted({NAMESPACE, *(namespaces or {}).values()}):
+        meta: dict[str, Any] = {"name": name, "labels": dict((namespace_labels or {}).get(name, {}))}
+        if mtls is not None:
+            meta["annotations"] = {MTLS_ANNOTATION: str(mtls)}
+        docs.append({"apiVersion": "v1", "kind": "Namespace", "metadata": meta})
     for p in lab.pods.values():
-        meta: dict[str, Any] = {"name": p.name, "namespace": NAMESPACE, "uid": p.uid,
-                                "labels": {"app": p.name, **(labels or {}).get(p.name, {})}}
+        meta = {"name": p.name, "namespace": (namespaces or {}).get(p.name, NAMESPACE), "uid": p.uid,
+                "labels": {"app": p.name, **(labels or {}).get(p.name, {})}}
         if annotations and p.name in annotations:
             meta["annotations"] = dict(annotations[p.name])
-        spec: dict[str, Any] = {"nodeName": node_name(lab.id, p.node)}
+        spec: dict[str, Any] = {"nodeName": node_name(lab.id, p.node),
+                                "containers": [{"name": "app", "ports": [
+                                    {"name": n, "containerPort": port, "protocol": "TCP"}
+                                    for n, port in (ports or {}).get(p.name, ())]}]}
         sa = (service_accounts or {}).get(p.name, p.name)
         if sa is not None:
             spec["serviceAccountName"] = sa
@@ -428,10 +437,9 @@ class LabCluster:
     def agent_of(self, pod: str) -> LabAgent:
         return self.agents[self.lab.pod(pod).node]
 
-    def set_pods(self, mtls: MtlsMode | None = None, annotations: Mapping[str, Mapping[str, str]] | None = None,
-                 labels: Mapping[str, Mapping[str, str]] | None = None,
-                 service_accounts: Mapping[str, str | None] | None = None) -> None:
-        """Rewrite the lab's Namespace and Pods (what the agents see of them), e.g. to change enrollment."""
+    def set_pods(self, **shape: Any) -> None:
+        """Rewrite the lab's Namespaces and Pods (what the agents see of them), e.g. to change enrollment;
+        `shape`: pods_manifest's keyword arguments."""
         tmp = self.manifests / f".{PODS_FILE}.tmp"
-        tmp.write_text(pods_manifest(self.lab, mtls, annotations, labels, service_accounts))
+        tmp.write_text(pods_manifest(self.lab, **shape))
         tmp.rename(self.manifests / PODS_FILE)  # the folder source never reads half a file

@@ -2,7 +2,8 @@
 
 Per enrolled pod on this node (its SVID issued, its network namespace found):
   listener `capture|<ns>/<pod>`  127.0.0.1:15001 and [::1]:15001 inside the pod: outbound capture
-  listener `hbone|<ns>/<pod>`    <pod ip>:15008 inside the pod: HBONE inbound, the pod's own SVID
+  listener `hbone|<ns>/<pod>`    <pod ip>:15008 inside the pod: HBONE inbound, the pod's own SVID,
+                                 and its routes (same name, by RDS) with the pod's policy (RBAC)
 Per local source identity: cluster `hbone_out|<spiffe id>` (HBONE origination with that identity);
 and one cluster `hbone_deliver` that connects terminated tunnels to their pod.
 So the config grows with the pods of this node, never with the pods of the cluster.
@@ -75,7 +76,7 @@ def mesh_resources(pods: Iterable[MeshPod], trust_domain: str,
                    inbound_log: Sequence[accesslog_pb2.AccessLog] = ()) -> tuple[Resources, list[str]]:
     """The HBONE listeners and clusters for `pods`, and the secret names they need (SPIFFE IDs).
     `outbound_log(pod)`/`inbound_log`: access logs of the capture (TCP) and HBONE (HTTP) listeners."""
-    listeners, clusters, identities = [], {}, set()
+    listeners, routes, clusters, identities = [], [], {}, set()
     for p in sorted(pods, key=lambda p: p.key):
         cluster = origination_cluster_name(p.spiffe_id)
         if cluster not in clusters:
@@ -85,10 +86,11 @@ def mesh_resources(pods: Iterable[MeshPod], trust_domain: str,
         listeners.append(hbone.capture_listener(capture_listener_name(p.key), p.netns, cluster, source_ip,
                                                 p.baggage, outbound_log(p)))
         rbac = hbone.connect_rbac(p.rbac) if p.rbac is not None else None
-        listeners.append(hbone.inbound_listener(inbound_listener_name(p.key), p.ips, p.netns, p.spiffe_id,
-                                                trust_name(p.spiffe_id), trust_domain, DELIVERY_CLUSTER, rbac=rbac,
-                                                access_log=inbound_log))
+        inbound = inbound_listener_name(p.key)
+        listeners.append(hbone.inbound_listener(inbound, p.ips, p.netns, p.spiffe_id, trust_name(p.spiffe_id),
+                                                trust_domain, access_log=inbound_log))
+        routes.append(hbone.inbound_routes(inbound, p.ips, DELIVERY_CLUSTER, rbac))
     out = list(clusters.values())
     if listeners:
         out.append(hbone.delivery_cluster(DELIVERY_CLUSTER))
-    return Resources(clusters=tuple(out), listeners=tuple(listeners)), sorted(identities)
+    return Resources(clusters=tuple(out), listeners=tuple(listeners), routes=tuple(routes)), sorted(identities)

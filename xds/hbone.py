@@ -50,7 +50,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from google.protobuf import wrappers_pb2
 
-from xds.resources import duration, pack, sds_secret_config
+from xds.resources import ads, duration, pack, sds_secret_config
 
 CAPTURE_PORT = 15001
 HBONE_PORT = 15008
@@ -194,20 +194,24 @@ def _bad_request() -> route_components_pb2.DirectResponseAction:
     return route_components_pb2.DirectResponseAction(status=400)
 
 
-def inbound_listener(name: str, pod_ips: Sequence[str], netns: str, cert_secret: str, trust_secret: str,
-                     trust_domain: str, delivery: str, rbac: http_rbac_pb2.RBAC | None = None,
-                     access_log: Sequence[accesslog_pb2.AccessLog] = ()) -> listener_pb2.Listener:
-    """The pod's HBONE listener: podIP:15008 inside its namespace. A CONNECT to one of the pod's own
-    addresses is delivered (200 once the upstream connected, 503 if it could not); anything else is 400;
-    a policy deny (the RBAC filter) is 401, as ztunnel answers it."""
+def inbound_routes(name: str, pod_ips: Sequence[str], delivery: str,
+                   rbac: http_rbac_pb2.RBAC | None = None) -> route_pb2.RouteConfiguration:
+    """The HBONE listener's routes (by RDS, named like the listener): a CONNECT to one of the pod's own
+    addresses is delivered (200 once the upstream connected, 503 if it could not); anything else is 400.
+    The pod's policy rides on the CONNECT route (`rbac`): a route update reaches new streams and leaves open
+    tunnels alone, where a listener update would drain every tunnel of the pod (revocation of the ones a
+    change no longer allows is the agent's: it closes their sockets)."""
+    connect = route_components_pb2.Route(
+        name="connect",
+        match=route_components_pb2.RouteMatch(connect_matcher=route_components_pb2.RouteMatch.ConnectMatcher()),
+        route=route_components_pb2.RouteAction(cluster=delivery, upgrade_configs=[
+            route_components_pb2.RouteAction.UpgradeConfig(
+                upgrade_type="CONNECT",
+                connect_config=route_components_pb2.RouteAction.UpgradeConfig.ConnectConfig())]))
+    if rbac is not None:
+        connect.typed_per_filter_config[RBAC_FILTER].CopyFrom(pack(http_rbac_pb2.RBACPerRoute(rbac=rbac)))
     pod_routes = route_components_pb2.VirtualHost(name="pod", domains=_authority_domains(pod_ips), routes=[
-        route_components_pb2.Route(
-            name="connect",
-            match=route_components_pb2.RouteMatch(connect_matcher=route_components_pb2.RouteMatch.ConnectMatcher()),
-            route=route_components_pb2.RouteAction(cluster=delivery, upgrade_configs=[
-                route_components_pb2.RouteAction.UpgradeConfig(
-                    upgrade_type="CONNECT",
-                    connect_config=route_components_pb2.RouteAction.UpgradeConfig.ConnectConfig())])),
+        connect,
         route_components_pb2.Route(name="not_connect", match=route_components_pb2.RouteMatch(prefix="/"),
                                    direct_response=_bad_request()),
     ])
@@ -219,16 +223,27 @@ def inbound_listener(name: str, pod_ips: Sequence[str], netns: str, cert_secret:
         route_components_pb2.Route(name="not_connect", match=route_components_pb2.RouteMatch(prefix="/"),
                                    direct_response=_bad_request()),
     ])
-    filters = []
-    if rbac is not None:
-        filters.append(hcm_pb2.HttpFilter(name="envoy.filters.http.rbac", typed_config=pack(rbac)))
-    filters.append(hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=pack(router_pb2.Router())))
+    return route_pb2.RouteConfiguration(name=name, virtual_hosts=[pod_routes, elsewhere])
+
+
+RBAC_FILTER = "envoy.filters.http.rbac"
+
+
+def inbound_listener(name: str, pod_ips: Sequence[str], netns: str, cert_secret: str, trust_secret: str,
+                     trust_domain: str, access_log: Sequence[accesslog_pb2.AccessLog] = ()) -> listener_pb2.Listener:
+    """The pod's HBONE listener: podIP:15008 inside its namespace, mTLS with the pod's SVID, HTTP/2 CONNECT,
+    routes by RDS (`inbound_routes`, same name). A policy deny (the RBAC filter, configured per route) is
+    answered 401, as ztunnel answers it."""
+    filters = [
+        hcm_pb2.HttpFilter(name=RBAC_FILTER, typed_config=pack(http_rbac_pb2.RBAC())),  # the routes say who passes
+        hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=pack(router_pb2.Router())),
+    ]
     hcm = hcm_pb2.HttpConnectionManager(
         stat_prefix=name.replace("|", "_"),
         codec_type=hcm_pb2.HttpConnectionManager.HTTP2,
         http2_protocol_options=_http2(),
         upgrade_configs=[hcm_pb2.HttpConnectionManager.UpgradeConfig(upgrade_type="CONNECT")],
-        route_config=route_pb2.RouteConfiguration(name=name, virtual_hosts=[pod_routes, elsewhere]),
+        rds=hcm_pb2.Rds(config_source=ads(), route_config_name=name),
         http_filters=filters,
         request_headers_timeout=duration(HANDSHAKE_TIMEOUT_S),
         local_reply_config=hcm_pb2.LocalReplyConfig(mappers=[hcm_pb2.ResponseMapper(
