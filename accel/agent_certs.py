@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from accel.errors import UserError
-from accel.reconcile import eligible
+from accel.reconcile import on_node
 from accel.state.model import ChangeSet, ObjectKey, Workload
 from certs.manager import CertManager
 from certs.signer import Signer
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 def wants_certificate(w: Workload, node: str) -> bool:
     """Pods on this node that our mesh serves; Istio-managed pods get theirs from Istio."""
-    return eligible(w, node) and not w.istio_managed
+    return on_node(w, node) and not w.istio_managed
 
 
 class CertsReconciler:

@@ -16,6 +16,8 @@ COMMAND_MODULES = [
     "accel.commands.status",
     "accel.commands.datapath",
     "accel.commands.ca",
+    "accel.commands.policy",
+    "accel.commands.observe",
 ]
 
 

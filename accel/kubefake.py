@@ -7,6 +7,10 @@ after RV; an RV older than the compacted history gets an ERROR event carrying a 
 410 (what the real server sends). Bookmarks only go to watches that asked (`allowWatchBookmarks`).
 Discovery (`/apis/<group>/<version>`) answers 404 for CRD groups that are "not installed".
 
+Events: POST /api/v1/namespaces/NS/events creates one (409 if the name exists), PATCH .../events/NAME
+merges into it (merge patch; 404 if missing); `events` holds them, `fail_events(n)` answers the next
+n Event requests 500.
+
 Test controls: `drop_watches(partial=True)` cuts every stream mid-event, `compact()` forgets history
 (so resumes get 410), `force_gone(n)`, `pause()`/`resume()` (all requests fail with 503 while the
 test changes objects), `bookmark()`, and `scramble_rv` (opaque resourceVersions whose numeric order
@@ -70,6 +74,8 @@ class FakeApiServer:
         self.change_times: dict[str, float] = {}
         self._watchers: dict[str, int] = {}
         self._continues: dict[str, tuple[list[dict[str, Any]], str]] = {}  # token -> time.monotonic() of the write (bench)
+        self.events: dict[tuple[str, str], dict[str, Any]] = {}  # (namespace, name) -> Event
+        self._event_failures = 0
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -227,6 +233,15 @@ class FakeApiServer:
             self._history[kind].append((self._seq, line))
             self._cond.notify_all()
 
+    def fail_events(self, n: int = 1) -> None:
+        """The next `n` Event requests get 500."""
+        with self._cond:
+            self._event_failures += n
+
+    def event_list(self) -> list[dict[str, Any]]:
+        with self._cond:
+            return [json.loads(json.dumps(e)) for e in self.events.values()]
+
     def count(self, what: str) -> int:
         with self._cond:
             return self.requests.get(what, 0)
@@ -294,6 +309,74 @@ class _Handler(BaseHTTPRequestHandler):
             self._watch(kind, q)
         else:
             self._list(kind, api_version, q)
+
+    # --- Events (the only thing the agent writes) -------------------------------------------------
+
+    def _event_request(self) -> tuple[str, str | None, dict[str, Any]] | None:
+        """Checks shared by POST and PATCH; (namespace, name or None, body) or None when answered."""
+        api = self.api
+        if self.headers.get("Authorization") != f"Bearer {TOKEN}":
+            self._json(401, _status(401, "Unauthorized", "Unauthorized"))
+            return None
+        parts = urlsplit(self.path).path.strip("/").split("/")
+        body_raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if len(parts) not in (5, 6) or parts[:3] != ["api", "v1", "namespaces"] or parts[4] != "events":
+            self._json(404, _status(404, "NotFound", "the server could not find the requested resource"))
+            return None
+        with api._cond:
+            api._count(f"{self.command} Event")
+            if api._paused or api._event_failures > 0:
+                api._event_failures = max(0, api._event_failures - 1)
+                self._json(500 if not api._paused else 503, _status(500, "InternalError", "failing on purpose"))
+                return None
+        try:
+            body = json.loads(body_raw or b"{}")
+        except ValueError:
+            self._json(400, _status(400, "BadRequest", "body is not JSON"))
+            return None
+        if not isinstance(body, dict):
+            self._json(400, _status(400, "BadRequest", "body is not an object"))
+            return None
+        return parts[3], parts[5] if len(parts) == 6 else None, body
+
+    def do_POST(self) -> None:  # noqa: N802
+        req = self._event_request()
+        if req is None:
+            return
+        ns, name, body = req
+        meta = body.get("metadata") or {}
+        if name is not None or not meta.get("name") or body.get("kind", "Event") != "Event" \
+                or not isinstance(body.get("involvedObject"), dict):
+            self._json(422, _status(422, "Invalid", "an Event needs metadata.name and involvedObject"))
+            return
+        with self.api._cond:
+            if (ns, meta["name"]) in self.api.events:
+                self._json(409, _status(409, "AlreadyExists", f'events "{meta["name"]}" already exists'))
+                return
+            meta["namespace"] = ns
+            self.api._seq += 1
+            meta["resourceVersion"] = self.api._token(self.api._seq)
+            self.api.events[(ns, meta["name"])] = body
+        self._json(201, body)
+
+    def do_PATCH(self) -> None:  # noqa: N802
+        req = self._event_request()
+        if req is None:
+            return
+        ns, name, body = req
+        if name is None:
+            self._json(405, _status(405, "MethodNotAllowed", "PATCH needs an Event name"))
+            return
+        if self.headers.get("Content-Type") != "application/merge-patch+json":
+            self._json(415, _status(415, "UnsupportedMediaType", "this fake takes merge patches only"))
+            return
+        with self.api._cond:
+            event = self.api.events.get((ns, name))
+            if event is None:
+                self._json(404, _status(404, "NotFound", f'events "{name}" not found'))
+                return
+            _merge(event, body)
+        self._json(200, event)
 
     def _list(self, kind: str, api_version: str, q: dict[str, str]) -> None:
         """A list, paged like the real server when `limit` is given: every page comes from the snapshot
@@ -406,3 +489,14 @@ class _Handler(BaseHTTPRequestHandler):
                     api._cond.wait(min(left, 1.0))
             for line in pending:
                 self._chunk(line)
+
+
+def _merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
+    """RFC 7386 merge patch, in place."""
+    for k, v in patch.items():
+        if v is None:
+            target.pop(k, None)
+        elif isinstance(v, dict) and isinstance(target.get(k), dict):
+            _merge(target[k], v)
+        else:
+            target[k] = v

@@ -25,6 +25,9 @@ class Metrics:
         self.map_entries = Gauge("meshaccel_map_entries", "Entries in a BPF map, as the agent wrote them", ["map"],
                                  registry=r)
         self.map_updates = Counter("meshaccel_map_updates", "Writes to BPF maps", ["map", "op"], registry=r)
+        self.revoked = Counter("meshaccel_policy_revoked_connections",
+                               "Established connections closed because a policy change no longer allows them",
+                               registry=r)
         self.ready = Gauge("meshaccel_ready", "1 once the first full sync is in the maps", registry=r)
         self.sync_lag = Gauge("meshaccel_sync_lag_seconds",
                               "Age of the oldest event waiting to be applied (0 when caught up)", registry=r)

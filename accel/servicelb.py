@@ -25,18 +25,15 @@ logged once with the object and counted in meshaccel_bad_input_total; the rest k
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import ipaddress
 import logging
-import os
 import socket
 import sys
-import threading
 from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from accel import netns
 from accel.metrics import Metrics
 from accel.state.model import ChangeSet, EndpointSlice, Kind, ObjectKey, Pod, Service, ServicePort, Workload
 from accel.state.store import ClusterState
@@ -48,7 +45,6 @@ log = logging.getLogger(__name__)
 PROTOCOLS = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP}
 DEFAULT_AFFINITY_TIMEOUT = 10800  # seconds, the Kubernetes default for ClientIP
 SO_NETNS_COOKIE = 71  # asm-generic/socket.h, Linux >= 5.14
-CLONE_NEWNET = 0x40000000
 
 
 class LbTables(Protocol):
@@ -479,33 +475,12 @@ class ServiceLBReconciler:
 
 # ---- network namespace cookies (which client a socket belongs to) --------------------------------
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
 
 def netns_cookie(netns_path: str) -> int:
-    """The kernel's cookie of a network namespace (what bpf_get_netns_cookie returns in it): a socket
-    is opened inside it from a short-lived thread, so this process's own namespace never changes."""
-    result: list[int] = []
-    error: list[BaseException] = []
-
-    def inside() -> None:
-        try:
-            fd = os.open(netns_path, os.O_RDONLY)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns {netns_path}: {os.strerror(err)}")
-            finally:
-                os.close(fd)
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                result.append(int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), sys.byteorder))
-        except BaseException as e:  # handed to the caller's thread
-            error.append(e)
-
-    t = threading.Thread(target=inside, name="netns-cookie")
-    t.start()
-    t.join()
-    if error:
-        raise error[0]
-    return result[0]
+    """The kernel's cookie of a network namespace (what bpf_get_netns_cookie returns in it), read from a
+    socket opened inside it; this process's own namespace never changes."""
+    def read() -> int:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), sys.byteorder)
+    return netns.run_in(netns_path, read)
 

@@ -128,7 +128,7 @@ def worker(mode: str, services: int, endpoints: int, changes: int, nodes: int) -
     import logging
 
     from accel.agent import Agent, AgentConfig
-    from accel.reconcile import LocalEndpointsReconciler, eligible
+    from accel.reconcile import LocalEndpointsReconciler, on_node
     from accel.sources.kube import KubeSource, load_api_client
     from accel.state.model import ChangeSet
 
@@ -139,7 +139,7 @@ def worker(mode: str, services: int, endpoints: int, changes: int, nodes: int) -
             if not (cs.synced or self.synced) or self.state is None:
                 return
             self.synced = True
-            want = {ip: w.identity.number for w in self.state.workloads() if eligible(w, self.node)
+            want = {ip: w.security_identity for w in self.state.workloads() if on_node(w, self.node)
                     for ip in w.pod.ips}
             actual = dict(self.table.items())
             for ip in actual.keys() - want.keys():

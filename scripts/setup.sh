@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 log() { printf 'setup: %s\n' "$*" >&2; }
 
+# tcpdump: the mTLS tests look at the wire; graphviz: `dot` draws the map of `accel observe --map`.
 APT_PACKAGES=(python3-bpfcc linux-headers-amd64 bpftool iproute2 iptables nftables iperf3 sockperf
-              procps kmod openssl)
+              procps kmod openssl tcpdump graphviz)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -7,13 +7,15 @@ from typing import Any
 
 from sockops_bpf import libbpf, loader
 from sockops_bpf.cgroup import cgroup_path_by_id
-from sockops_bpf.maps import LB_MAP_NAMES, open_lb, open_pinned
+from sockops_bpf.layout import MAPS, pin_name
+from sockops_bpf.maps import LB_MAP_NAMES, MESH_MAP_NAMES, open_lb, open_mesh, open_pinned
 
 
 def describe(instance: str) -> dict[str, Any]:
     pdir = loader.pin_dir(instance)
-    doc: dict[str, Any] = {"instance": instance, "pin_dir": str(pdir), "attachments": [], "maps": {}}
-    links = {"link_sockops": "cgroup_sock_ops", **{f"link_lb_{h}": f"cgroup_{h}" for h in loader.SOCK_ADDR_HOOKS}}
+    doc: dict[str, Any] = {"instance": instance, "pin_dir": str(pdir), "attachments": [], "maps": {},
+                           "layouts": loader.layouts(instance)}
+    links = {f"link_{name}": hook.kind or f"cgroup_{name.removeprefix('lb_')}" for name, hook in loader.HOOKS.items()}
     for link_name, hook in links.items():
         link_pin = pdir / link_name
         if not link_pin.exists():
@@ -30,9 +32,9 @@ def describe(instance: str) -> dict[str, Any]:
             doc["attachments"].append({"program": name, "hook": hook, "cgroup": str(cg)})
         finally:
             os.close(fd)
-    for name in ("local_endpoints", "sock_hash", "counters", *LB_MAP_NAMES):
-        if (pdir / name).exists():
-            fd = libbpf.obj_get(str(pdir / name))
+    for name in MAPS:
+        if (pdir / pin_name(name)).exists():
+            fd = libbpf.obj_get(str(pdir / pin_name(name)))
             try:
                 mi = libbpf.map_info(fd)
                 doc["maps"][name] = {"id": mi.id, "max_entries": mi.max_entries}
@@ -57,4 +59,10 @@ def describe(instance: str) -> dict[str, Any]:
             for name, view in (("lb_services", lb.services), ("lb_slots", lb.slots), ("lb_skip", lb.skip)):
                 doc["maps"][name]["entries"] = len(view)
             doc.setdefault("counters", {}).update(lb.counters())
+    if set(MESH_MAP_NAMES) <= doc["maps"].keys():
+        with open_mesh(pdir) as mesh:
+            doc["maps"]["ipcache"]["entries"] = len(mesh.ipcache)
+            doc["maps"]["local_pods"]["entries"] = len(mesh.local_pods)
+            doc["maps"]["orig_dst"]["entries"] = len(mesh.orig_dst)
+            doc.setdefault("counters", {}).update(mesh.counters())
     return doc

@@ -209,3 +209,29 @@ def link_info(fd: int) -> LinkInfo:
     size = ct.c_uint32(ct.sizeof(info))
     _check(_lib.bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)), "link info")
     return info
+
+
+# Ring buffers (BPF_MAP_TYPE_RINGBUF): libbpf calls `callback(ctx, data, size)` for each record while
+# `ring_buffer_poll` runs; keep the callback object alive as long as the ring buffer.
+RingBufferCallback = ct.CFUNCTYPE(ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_size_t)
+_lib.ring_buffer__new.restype = ct.c_void_p
+_lib.ring_buffer__new.argtypes = [ct.c_int, RingBufferCallback, ct.c_void_p, ct.c_void_p]
+_lib.ring_buffer__poll.argtypes = [ct.c_void_p, ct.c_int]
+_lib.ring_buffer__free.argtypes = [ct.c_void_p]
+
+
+def ring_buffer_new(map_fd: int, callback: ct._CFuncPtr) -> int:  # type: ignore[name-defined]
+    rb = _lib.ring_buffer__new(map_fd, callback, None, None)
+    if not rb:
+        err = ct.get_errno()
+        raise OSError(err, f"ring_buffer__new: {os.strerror(err)}")
+    return int(rb)
+
+
+def ring_buffer_poll(rb: int, timeout_ms: int) -> int:
+    """Records consumed (callbacks run), or -errno."""
+    return int(_lib.ring_buffer__poll(rb, timeout_ms))
+
+
+def ring_buffer_free(rb: int) -> None:
+    _lib.ring_buffer__free(rb)

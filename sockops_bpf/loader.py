@@ -1,11 +1,10 @@
 """Compile, pin, attach, detach and unpin the meshaccel eBPF programs.
 
-Public surface: `load`, `detach`, `uninstall`, `instances`, `pin_dir`. Everything an instance owns
-lives under /sys/fs/bpf/meshaccel/<instance>:
-  maps      local_endpoints, sock_hash, counters   (reused by a reload: fast-path sockets survive)
-  programs  prog_sockops, prog_redir
-  link      link_sockops   (the cgroup attachment; unpinning it detaches)
-  service LB  maps lb_*, programs prog_lb_<hook>, links link_lb_<hook> (sock_lb.c, one per SOCK_ADDR_HOOKS)
+Public surface: `load`, `detach`, `uninstall`, `instances`, `pin_dir`, `HOOKS`. Everything an instance
+owns lives under /sys/fs/bpf/meshaccel/<instance>:
+  maps      every BPF_TABLE_PINNED of maps.h (reused by a reload: fast-path sockets and services survive)
+  programs  prog_<hook> for each cgroup hook in HOOKS, and prog_redir (sk_msg)
+  links     link_<hook>: the cgroup attachments (unpinning one detaches it)
 sk_msg is attached to sock_hash itself, so it lives as long as that map.
 """
 
@@ -23,27 +22,45 @@ from sockops_bpf import libbpf
 from sockops_bpf.cgroup import cgroup2_root, cgroup_path_by_id, check_cgroup
 from sockops_bpf.errors import BpfError
 from sockops_bpf.headers import find_kernel_headers
-from sockops_bpf.layout import SockKey
+from sockops_bpf.layout import MAPS, MIGRATIONS, SockKey, layout_version, pin_name
 
 log = logging.getLogger("meshaccel.loader")
 
 BPFFS = Path(os.environ.get("MESHACCEL_BPFFS", "/sys/fs/bpf"))
 SRC_DIR = Path(__file__).resolve().parent
-SOURCES = ("sockops.c", "redir.c", "sock_lb.c")
-PROGRAMS = {"prog_sockops": "mesh_sockops", "prog_redir": "mesh_redir"}
-# sock_lb.c: hook -> (function, enum bpf_attach_type). The attach type is also the program's expected
-# attach type at load time (it decides which context fields it may write).
-SOCK_ADDR_HOOKS = {
-    "connect4": ("lb_connect4", 10),  # BPF_CGROUP_INET4_CONNECT
-    "connect6": ("lb_connect6", 11),  # BPF_CGROUP_INET6_CONNECT
-    "sendmsg4": ("lb_sendmsg4", 14),  # BPF_CGROUP_UDP4_SENDMSG
-    "sendmsg6": ("lb_sendmsg6", 15),  # BPF_CGROUP_UDP6_SENDMSG
-    "recvmsg4": ("lb_recvmsg4", 19),  # BPF_CGROUP_UDP4_RECVMSG
-    "recvmsg6": ("lb_recvmsg6", 20),  # BPF_CGROUP_UDP6_RECVMSG
-    "getpeername4": ("lb_getpeername4", 29),  # BPF_CGROUP_INET4_GETPEERNAME
-    "getpeername6": ("lb_getpeername6", 30),  # BPF_CGROUP_INET6_GETPEERNAME
+SOURCES = ("sockops.c", "redir.c", "sock_lb.c", "getsockopt.c", "ingress.c")
+
+# bcc program types (enum bpf_prog_type)
+_SOCK_OPS, _CGROUP_SKB, _CGROUP_SOCK_ADDR, _CGROUP_SOCKOPT = 13, 8, 18, 25
+
+
+@dataclass(frozen=True, slots=True)
+class Hook:
+    function: str  # in the C sources
+    prog_type: int
+    attach_type: int  # enum bpf_attach_type; also the program's expected attach type at load time
+
+    @property
+    def kind(self) -> str:
+        return {3: "cgroup_sock_ops", 0: "cgroup_skb_ingress", 21: "cgroup_getsockopt"}.get(self.attach_type, "")
+
+
+# Every cgroup attachment, by the name of its pins (prog_<name>, link_<name>). The names of the first
+# ones are those of instances pinned by earlier versions, so an upgrade swaps them in place.
+HOOKS: dict[str, Hook] = {
+    "sockops": Hook("mesh_sockops", _SOCK_OPS, 3),  # BPF_CGROUP_SOCK_OPS
+    "lb_connect4": Hook("lb_connect4", _CGROUP_SOCK_ADDR, 10),  # BPF_CGROUP_INET4_CONNECT
+    "lb_connect6": Hook("lb_connect6", _CGROUP_SOCK_ADDR, 11),  # BPF_CGROUP_INET6_CONNECT
+    "lb_sendmsg4": Hook("lb_sendmsg4", _CGROUP_SOCK_ADDR, 14),  # BPF_CGROUP_UDP4_SENDMSG
+    "lb_sendmsg6": Hook("lb_sendmsg6", _CGROUP_SOCK_ADDR, 15),  # BPF_CGROUP_UDP6_SENDMSG
+    "lb_recvmsg4": Hook("lb_recvmsg4", _CGROUP_SOCK_ADDR, 19),  # BPF_CGROUP_UDP4_RECVMSG
+    "lb_recvmsg6": Hook("lb_recvmsg6", _CGROUP_SOCK_ADDR, 20),  # BPF_CGROUP_UDP6_RECVMSG
+    "lb_getpeername4": Hook("lb_getpeername4", _CGROUP_SOCK_ADDR, 29),  # BPF_CGROUP_INET4_GETPEERNAME
+    "lb_getpeername6": Hook("lb_getpeername6", _CGROUP_SOCK_ADDR, 30),  # BPF_CGROUP_INET6_GETPEERNAME
+    "getsockopt": Hook("mesh_getsockopt", _CGROUP_SOCKOPT, 21),  # BPF_CGROUP_GETSOCKOPT
+    "ingress": Hook("mesh_ingress", _CGROUP_SKB, 0),  # BPF_CGROUP_INET_INGRESS
 }
-PROGRAMS.update({f"prog_lb_{hook}": fn for hook, (fn, _) in SOCK_ADDR_HOOKS.items()})
+SOCK_ADDR_HOOKS = {name.removeprefix("lb_"): h for name, h in HOOKS.items() if h.prog_type == _CGROUP_SOCK_ADDR}
 
 
 def pin_root() -> Path:
@@ -72,26 +89,23 @@ def _preflight() -> None:
         raise BpfError(f"no bpffs at {BPFFS}; mount it: mount -t bpf bpf {BPFFS}")
 
 
-def _compile(pdir: Path, defines: dict[str, str]) -> tuple[object, dict[str, int], float]:
+def _compile(pdir: Path, defines: dict[str, str], src_dir: Path = SRC_DIR) -> tuple[object, dict[str, int], float]:
     os.environ["BCC_KERNEL_SOURCE"] = str(find_kernel_headers())
     try:
         from bcc import BPF
     except ImportError as e:
         raise BpfError("bcc is not importable: install Debian's python3-bpfcc (scripts/setup.sh)") from e
     # One text, header first: bcc rewrites map calls only in the main text, not in #included files.
-    text = "\n".join((SRC_DIR / s).read_text() for s in ("maps.h", *SOURCES))
+    text = "\n".join((src_dir / s).read_text() for s in ("maps.h", *SOURCES) if (src_dir / s).exists())
     t0 = time.monotonic()
     try:
-        cflags = [f"-I{SRC_DIR}", f'-DPIN_DIR="{pdir}"', *(f"-D{k}={v}" for k, v in defines.items())]
+        cflags = [f"-I{src_dir}", f'-DPIN_DIR="{pdir}"', *(f"-D{k}={v}" for k, v in defines.items())]
         bpf = BPF(text=text.encode(), cflags=cflags)
     except Exception as e:  # bcc raises a bare Exception; clang's messages went to stderr
         raise BpfError(f"eBPF compile failed ({e}); see the compiler messages above") from e
-    fds = {
-        "prog_sockops": bpf.load_func(PROGRAMS["prog_sockops"].encode(), BPF.SOCK_OPS).fd,
-        "prog_redir": bpf.load_func(PROGRAMS["prog_redir"].encode(), BPF.SK_MSG).fd,
-    }
-    for hook, (fn, attach_type) in SOCK_ADDR_HOOKS.items():
-        fds[f"prog_lb_{hook}"] = bpf.load_func(fn.encode(), BPF.CGROUP_SOCK_ADDR, attach_type=attach_type).fd
+    fds = {"prog_redir": bpf.load_func(b"mesh_redir", BPF.SK_MSG).fd}
+    for name, hook in HOOKS.items():
+        fds[f"prog_{name}"] = bpf.load_func(hook.function.encode(), hook.prog_type, attach_type=hook.attach_type).fd
     return bpf, fds, time.monotonic() - t0
 
 
@@ -104,16 +118,19 @@ def _repin(fd: int, path: Path) -> None:
     os.rename(tmp, path)
 
 
-def load(instance: str, cgroup: Path | None = None, defines: dict[str, str] | None = None) -> Loaded:
-    """Compile and attach; over an existing pin set, swap programs in place and keep the maps.
-    `defines` override compile-time tunables of the C sources (benchmarks compare variants)."""
+def load(instance: str, cgroup: Path | None = None, defines: dict[str, str] | None = None,
+         src_dir: Path = SRC_DIR) -> Loaded:
+    """Compile and attach; over an existing pin set, swap programs in place and keep the maps (moving the
+    entries of a map whose layout changed: `_migrate`). `defines` override compile-time tunables of the C
+    sources (benchmarks compare variants); `src_dir` is where they are (tests load an older version)."""
     _preflight()
     cg = check_cgroup(cgroup) if cgroup else cgroup2_root()
     pdir = pin_dir(instance)
     reused = (pdir / "sock_hash").exists()
     pdir.mkdir(parents=True, exist_ok=True)
     try:
-        bpf, fds, secs = _compile(pdir, defines or {})
+        bpf, fds, secs = _compile(pdir, defines or {}, src_dir)
+        old_layouts = _migrate(pdir)  # before the new programs look at the new maps
         for pin, fd in fds.items():
             _repin(fd, pdir / pin)
         # sk_msg on the map: replaces the map's program; sockets already in it keep the one they have.
@@ -122,10 +139,11 @@ def load(instance: str, cgroup: Path | None = None, defines: dict[str, str] | No
             libbpf.prog_attach(fds["prog_redir"], sock_hash, libbpf.BPF_SK_MSG_VERDICT)
         finally:
             os.close(sock_hash)
-        _attach_cgroup(pdir, fds["prog_sockops"], cg)
-        for hook, (_, attach_type) in SOCK_ADDR_HOOKS.items():
-            _attach_cgroup(pdir, fds[f"prog_lb_{hook}"], cg, f"link_lb_{hook}", attach_type)
+        for name, hook in HOOKS.items():
+            _attach_cgroup(pdir, fds[f"prog_{name}"], cg, f"link_{name}", hook.attach_type)
         del bpf  # closes bcc's fds; pins and link keep everything alive
+        for old in old_layouts:  # the old programs are gone from the hooks: nothing reads these now
+            old.unlink()
     except BaseException:
         if not reused:
             _remove_pins(pdir)
@@ -134,8 +152,54 @@ def load(instance: str, cgroup: Path | None = None, defines: dict[str, str] | No
     return Loaded(instance, pdir, cg, secs, reused)
 
 
-def _attach_cgroup(pdir: Path, prog_fd: int, cg: Path, link_name: str = "link_sockops",
-                   attach_type: int = libbpf.BPF_CGROUP_SOCK_OPS) -> None:
+def _migrate(pdir: Path) -> list[Path]:
+    """Copy the entries of maps pinned in an older layout into the current layout's maps (just created by
+    the compile); the old pins to remove once the new programs are attached. Maps whose entries user space
+    cannot copy (sockets) are never versioned (layout.py); an old layout without a migration is dropped."""
+    done = []
+    for name in MAPS:
+        current = layout_version(name)
+        for v in range(1, current):
+            old = pdir / pin_name(name, v)
+            if not old.exists() or not (pdir / pin_name(name)).exists():
+                continue  # nothing to move, or sources older than this layout table compiled (tests)
+            migration = MIGRATIONS.get((name, v))
+            moved = dropped = 0
+            if migration is not None:
+                src = libbpf.obj_get(str(old))
+                dst = libbpf.obj_get(str(pdir / pin_name(name)))
+                try:
+                    for k in libbpf.map_keys(src, migration.key):
+                        value = migration.value()
+                        if not libbpf.map_lookup(src, k, value):
+                            continue  # gone meanwhile
+                        new = migration.convert(k, value)
+                        if new is None:
+                            dropped += 1
+                            continue
+                        libbpf.map_update(dst, *new)
+                        moved += 1
+                finally:
+                    os.close(src)
+                    os.close(dst)
+            log.info("event=layout_migrated map=%s from=%d to=%d moved=%d dropped=%d%s", name, v, current, moved,
+                     dropped, "" if migration else " note=no_migration_entries_dropped")
+            done.append(old)
+    return done
+
+
+def layouts(instance: str) -> dict[str, dict[str, object]]:
+    """For `accel status`: every map's layout version, and pins of older layouts still there."""
+    pdir = pin_dir(instance)
+    out: dict[str, dict[str, object]] = {}
+    for name in MAPS:
+        v = layout_version(name)
+        older = [k for k in range(1, v) if (pdir / pin_name(name, k)).exists()]
+        out[name] = {"version": v, "pinned": (pdir / pin_name(name)).exists(), "older_pinned": older}
+    return out
+
+
+def _attach_cgroup(pdir: Path, prog_fd: int, cg: Path, link_name: str, attach_type: int) -> None:
     link_pin = pdir / link_name
     if link_pin.exists():
         link = libbpf.obj_get(str(link_pin))
@@ -161,7 +225,7 @@ def detach(instance: str) -> bool:
     """Stop handling new connections (every cgroup link gone); maps and sockets already spliced stay."""
     pdir = pin_dir(instance)
     found = False
-    for link_pin in ("link_sockops", *(f"link_lb_{hook}" for hook in SOCK_ADDR_HOOKS)):
+    for link_pin in (f"link_{name}" for name in HOOKS):
         if (pdir / link_pin).exists():
             (pdir / link_pin).unlink()
             found = True

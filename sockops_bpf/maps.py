@@ -11,19 +11,24 @@ from __future__ import annotations
 import ctypes as ct
 import ipaddress
 import os
+import socket
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
+from enum import IntEnum
 from pathlib import Path
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, NamedTuple, TypeVar, cast
 
 from sockops_bpf import libbpf
 from sockops_bpf.errors import BpfError
 from sockops_bpf.layout import (
     CNT_MAX,
     EP_F_LOOPBACK,
+    POL_ANY_PORT_PREFIXLEN,
     Counter,
     EndpointInfo,
     IpAddr,
+    IpcacheEntry,
+    IpcacheKey,
     LbAddr,
     LbAffinityEntry,
     LbAffinityKey,
@@ -36,7 +41,14 @@ from sockops_bpf.layout import (
     LbSlotKey,
     LbSvc,
     LbSvcKey,
+    LocalPod,
+    LocalPodKey,
+    MeshCounter,
+    OrigDstKey,
+    PolicyKeyC,
+    PolicyValueC,
     SockKey,
+    pin_name,
 )
 
 
@@ -81,16 +93,8 @@ class PinnedMaps:
         self.local_endpoints = EndpointMap(self._fds["local_endpoints"])
 
     def counters(self) -> dict[str, int]:
-        ncpu = os.cpu_count() or 1
-        # Per-CPU values are exported for every possible CPU; size the buffer generously.
-        possible = _possible_cpus() or ncpu
-        out = {}
-        for c in Counter:
-            vals = (ct.c_uint64 * possible)()
-            libbpf.map_lookup(self._fds["counters"], ct.c_int(int(c)), vals)
-            out[c.name.lower()] = int(sum(vals))
         assert len(Counter) <= CNT_MAX
-        return out
+        return percpu_counters(self._fds["counters"], Counter)
 
     def socket_count(self) -> int:
         return len(self.socket_keys())
@@ -108,6 +112,18 @@ class PinnedMaps:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def percpu_counters(fd: int, names: type[IntEnum], prefix: str = "") -> dict[str, int]:
+    """A per-CPU array of counters, summed over CPUs, named `prefix` + the enum member's name."""
+    # Per-CPU values are exported for every possible CPU (not just online ones).
+    possible = _possible_cpus() or os.cpu_count() or 1
+    out = {}
+    for c in names:
+        vals = (ct.c_uint64 * possible)()
+        libbpf.map_lookup(fd, ct.c_int(int(c)), vals)
+        out[prefix + c.name.lower()] = int(sum(vals))
+    return out
 
 
 def _possible_cpus() -> int:
@@ -258,13 +274,7 @@ class LbMaps:
             f["lb_service_cidrs"], LbCidrKey, ct.c_uint32, _cidr_key, _cidr_text, ct.c_uint32, lambda v: int(v.value))
 
     def counters(self) -> dict[str, int]:
-        possible = _possible_cpus() or os.cpu_count() or 1
-        out = {}
-        for c in LbCounter:
-            vals = (ct.c_uint64 * possible)()
-            libbpf.map_lookup(self._fds["lb_counters"], ct.c_int(int(c)), vals)
-            out[f"lb_{c.name.lower()}"] = int(sum(vals))
-        return out
+        return percpu_counters(self._fds["lb_counters"], LbCounter, "lb_")
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -293,3 +303,166 @@ def _cidr_text(k: LbCidrKey) -> str:
 
 def open_lb(pin_dir: Path) -> LbMaps:
     return LbMaps(pin_dir)
+
+
+# ---- The mesh maps (maps.h "The mesh") ----------------------------------------------------------
+
+MESH_MAP_NAMES = ("ipcache", "local_pods", "orig_dst", "mesh_counters")
+
+
+@dataclass(frozen=True, slots=True)
+class AddressInfo:
+    """What the kernel knows of an address (ipcache): its identity and IPC_F_* flags."""
+
+    identity: int
+    flags: int
+
+
+@dataclass(frozen=True, slots=True)
+class PodInfo:
+    """A pod of this node, found by its network namespace (local_pods): identity, POD_F_* flags, and its
+    addresses ("" when it has none of that family)."""
+
+    identity: int
+    flags: int
+    ip4: str = ""
+    ip6: str = ""
+
+
+def _ip_or_empty(a: IpAddr) -> str:
+    return "" if not any(a.addr) else str(a.to_ip())
+
+
+class MeshMaps:
+    """The mesh maps of an instance:
+      ipcache     CIDR text ("10.0.0.5/32", "fd00::/64") -> AddressInfo      (LPM trie)
+      local_pods  netns cookie -> PodInfo
+      orig_dst    (netns cookie, client address, client port) -> Backend    (LRU, kernel-written; read only)
+    """
+
+    def __init__(self, pin_dir: Path) -> None:
+        self.pin_dir = pin_dir
+        self._fds: dict[str, int] = {}
+        try:
+            for name in MESH_MAP_NAMES:
+                self._fds[name] = libbpf.obj_get(str(pin_dir / pin_name(name)))
+        except OSError as e:
+            self.close()
+            raise BpfError(f"cannot open the mesh maps in {pin_dir} ({e.strerror}); is the instance loaded?") from e
+        f = self._fds
+        self.ipcache: MutableMapping[str, AddressInfo] = _View(
+            f["ipcache"], IpcacheKey, IpcacheEntry, _ipcache_key, _ipcache_text,
+            lambda v: IpcacheEntry(v.identity, v.flags), lambda v: AddressInfo(int(v.identity), int(v.flags)))
+        self.local_pods: MutableMapping[int, PodInfo] = _View(
+            f["local_pods"], LocalPodKey, LocalPod, LocalPodKey, lambda k: int(k.netns_cookie),
+            lambda v: LocalPod(v.identity, v.flags, IpAddr.from_ip(v.ip4) if v.ip4 else IpAddr(),
+                               IpAddr.from_ip(v.ip6) if v.ip6 else IpAddr()),
+            lambda v: PodInfo(int(v.identity), int(v.flags), _ip_or_empty(v.ip4), _ip_or_empty(v.ip6)))
+        self.orig_dst: MutableMapping[tuple[int, str, int], Backend] = _View(
+            f["orig_dst"], OrigDstKey, LbAddr,
+            lambda k: OrigDstKey(k[0], IpAddr.from_ip(k[1]), k[2], 0, 0),
+            lambda k: (int(k.netns_cookie), str(k.ip.to_ip()), int(k.port)), Backend.c, Backend.of)
+
+    def counters(self) -> dict[str, int]:
+        return percpu_counters(self._fds["mesh_counters"], MeshCounter, "mesh_")
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> MeshMaps:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _ipcache_key(cidr: str) -> IpcacheKey:
+    net = ipaddress.ip_network(cidr, strict=True)
+    return IpcacheKey(net.prefixlen + (96 if net.version == 4 else 0), IpAddr.from_ip(net.network_address))
+
+
+def _ipcache_text(k: IpcacheKey) -> str:
+    return _cidr_text(LbCidrKey(k.prefixlen, k.ip))
+
+
+def open_mesh(pin_dir: Path) -> MeshMaps:
+    return MeshMaps(pin_dir)
+
+
+# ---- Identity policy maps (maps.h "Identity policy") ---------------------------------------------
+
+POLICY_MAP_NAMES = ("policy", "policy_denies")
+
+
+class PolicyRuleKey(NamedTuple):
+    """A policy map key: (subject, peer, direction, proto) and a port prefix, `port` its first port and
+    `port_bits` its length (0: any port of proto, 16: one port)."""
+
+    subject: int
+    peer: int
+    direction: int
+    proto: int
+    port: int
+    port_bits: int
+
+
+class PolicyRuleValue(NamedTuple):
+    verdict: int  # POL_ALLOW / POL_DENY
+    rule: int
+
+
+def _policy_key(k: tuple[int, int, int, int, int, int]) -> PolicyKeyC:
+    subject, peer, direction, proto, port, bits = k
+    return PolicyKeyC(POL_ANY_PORT_PREFIXLEN + bits, subject, peer, direction, proto, socket.htons(port))
+
+
+def _policy_key_of(k: PolicyKeyC) -> PolicyRuleKey:
+    return PolicyRuleKey(int(k.subject), int(k.peer), int(k.direction), int(k.proto), socket.ntohs(k.port),
+                         int(k.prefixlen) - POL_ANY_PORT_PREFIXLEN)
+
+
+class PolicyMaps:
+    """The policy maps of an instance:
+      policy   PolicyRuleKey -> PolicyRuleValue   (LPM trie; written by the agent's compiler)
+      denies() rule -> denied attempts, summed over CPUs (kernel-written)
+    """
+
+    def __init__(self, pin_dir: Path) -> None:
+        self.pin_dir = pin_dir
+        self._fds: dict[str, int] = {}
+        try:
+            for name in POLICY_MAP_NAMES:
+                self._fds[name] = libbpf.obj_get(str(pin_dir / name))
+        except OSError as e:
+            self.close()
+            raise BpfError(f"cannot open the policy maps in {pin_dir} ({e.strerror}); is the instance loaded?") from e
+        self.policy: MutableMapping[tuple[int, int, int, int, int, int], tuple[int, int]] = _View(
+            self._fds["policy"], PolicyKeyC, PolicyValueC, _policy_key, _policy_key_of,
+            lambda v: PolicyValueC(v[0], v[1]), lambda v: PolicyRuleValue(int(v.verdict), int(v.rule)))
+
+    def denies(self) -> dict[int, int]:
+        possible = _possible_cpus() or os.cpu_count() or 1
+        out = {}
+        fd = self._fds["policy_denies"]
+        for k in libbpf.map_keys(fd, ct.c_uint32):  # type: ignore[arg-type]
+            vals = (ct.c_uint64 * possible)()
+            if libbpf.map_lookup(fd, k, vals):
+                out[int(k.value)] = int(sum(vals))  # type: ignore[attr-defined]
+        return out
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> PolicyMaps:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_policy(pin_dir: Path) -> PolicyMaps:
+    return PolicyMaps(pin_dir)

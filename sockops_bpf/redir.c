@@ -48,6 +48,11 @@ int mesh_redir(struct sk_msg_md *msg)
     if (verdict == SK_PASS) {
         count(CNT_REDIRECT_VERDICTS, 1);
         count(CNT_VERDICT_BYTES, msg->size);
+#if FLOW_EVENTS
+        struct flow_state *st = flow_state.sk_storage_get(sk, 0, 0);
+        if (st)
+            st->spliced_bytes += msg->size; /* a lower bound: this verdict covers the next REDIRECT_APPLY_BYTES */
+#endif
     } else {
         __u8 one = 1;
         __u8 *mark = tcp_only.sk_storage_get(sk, &one, BPF_SK_STORAGE_GET_F_CREATE);

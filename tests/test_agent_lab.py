@@ -44,7 +44,7 @@ def expected(folder: Path) -> dict[str, int]:
     st = ClusterState()
     for f in sorted(folder.glob("*.yaml")):
         st.apply([Event(EventType.ADDED, parse_object(json.loads(f.read_text())))])
-    return {ip: w.identity.number for w in st.workloads() if w.pod.node == NODE for ip in w.pod.ips}
+    return {ip: w.security_identity for w in st.workloads() if w.pod.node == NODE for ip in w.pod.ips}
 
 
 def pinned(lab: Lab) -> dict[str, int]:
@@ -159,7 +159,7 @@ def ask(lab: Lab, pod: str, host: str, port: int) -> str:
 def test_agent_programs_a_clusterip_from_the_manifest_folder(make_lab: Callable[..., Any], tmp_path: Path) -> None:
     """Service + EndpointSlice files -> the agent's service LB -> connect() to the VIP from a pod
     reaches a backend pod, and the app sees the VIP; the Service deleted -> ECONNREFUSED at once."""
-    lab: Lab = make_lab(4)
+    lab: Lab = make_lab(4, sandboxes=False)
     folder, state = tmp_path / "manifests", tmp_path / "state"
     folder.mkdir()
     vip = "10.96.7.7"

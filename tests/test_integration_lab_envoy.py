@@ -23,6 +23,7 @@ from accel.lab import Lab
 from accel.lab_agent import NAMESPACE, LabAgent, agent_dir, stop
 from accel.state.model import MtlsMode
 from tests.conftest import require
+from tests.mesh_helpers import credential, hbone
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.lab, pytest.mark.envoy]
@@ -46,21 +47,6 @@ try:
 except Exception as e:
     print("ERROR", e)
 """
-
-TLS_GET = """
-import http.client, ssl, sys
-from cryptography import x509
-ctx = ssl.create_default_context(cafile=sys.argv[3])
-ctx.check_hostname = False  # SPIFFE certificates name a URI, not a host
-try:
-    c = http.client.HTTPSConnection(sys.argv[1], int(sys.argv[2]), context=ctx, timeout=5)
-    c.request("GET", "/")
-    body = c.getresponse().read().decode()
-    print(format(x509.load_der_x509_certificate(c.sock.getpeercert(binary_form=True)).serial_number, "x"), body)
-except Exception as e:
-    print("ERROR", e)
-"""
-
 
 FRONT_VIP = "10.96.0.80"
 
@@ -96,7 +82,7 @@ def run_in(lab: Lab, pod: str, script: str, *args: str) -> str:
     return str(out.stdout).strip()
 
 
-def test_lab_agent_drives_envoy_routes_and_sds(make_lab: Callable[..., Any]) -> None:
+def test_lab_agent_drives_envoy_routes_and_sds(make_lab: Callable[..., Any], tmp_path: Path) -> None:
     try:
         from accel.envoy import envoy_binary
 
@@ -143,21 +129,22 @@ def test_lab_agent_drives_envoy_routes_and_sds(make_lab: Callable[..., Any]) -> 
         assert get("/b") == "pod3"
         assert via_vip("/a") == "pod3"
 
-        # SDS: pod2 is mTLS-enrolled (namespace annotation); Envoy serves its SVID on the inbound listener.
+        # SDS: pod2 is mTLS-enrolled (namespace annotation); Envoy serves its SVID on pod2's HBONE listener.
         sid = f"spiffe://cluster.local/ns/{NAMESPACE}/sa/pod2"
-        key = f"inbound {p2.ipv4}:8080 {sid}"
-        wait_until(lambda: key in la.status()["xds"]["listeners"], timeout=30, what="inbound mTLS listener")
-        host, port = la.status()["xds"]["listeners"][key].rsplit(":", 1)
-        root = str(agent_dir(lab.id) / "ca" / "root-cert.pem")
+        wait_until(lambda: la.status()["xds"]["mesh_pods"].get(f"{NAMESPACE}/pod2") == sid, timeout=30,
+                   what="pod2's HBONE listener")
+        client = credential(tmp_path, "pod1", f"spiffe://cluster.local/ns/{NAMESPACE}/sa/pod1", lab.id)
 
         def serial_in_status() -> str | None:
             certs = la.status()["certs"]["certificates"]
             return next(c["serial"] for c in certs if c["spiffe_id"] == sid)
 
+        def served_serial() -> str | None:
+            return hbone(lab, "pod1", f"{p2.ipv4}:15008", client, "--authority", f"{p2.ipv4}:8080")["serial"]
+
         first = serial_in_status()
         assert first
-        wait_until(lambda: run_in(lab, "pod1", TLS_GET, host, port, root) == f"{first} pod2",
-                   timeout=30, what="TLS handshake with pod2's SVID")
+        wait_until(lambda: served_serial() == first, timeout=30, what="TLS handshake with pod2's SVID")
         secrets = json.dumps(la.config_dump("dynamic_active_secrets"))
         assert sid in secrets
 
@@ -165,8 +152,7 @@ def test_lab_agent_drives_envoy_routes_and_sds(make_lab: Callable[..., Any]) -> 
         assert la.refresh_certs() >= 2
         wait_until(lambda: serial_in_status() not in (None, first), timeout=30, what="new SVID in the agent")
         second = serial_in_status()
-        wait_until(lambda: run_in(lab, "pod1", TLS_GET, host, port, root) == f"{second} pod2",
-                   timeout=30, what="Envoy serving the rotated SVID")
+        wait_until(lambda: served_serial() == second, timeout=30, what="Envoy serving the rotated SVID")
         assert la.pid("envoy") == envoy_pid and la.envoy_admin("/ready")[0] == 200
         st = la.status()
         assert st["xds"]["nacks_total"] == 0 and st["xds"]["rejected"] == [], st["xds"]
@@ -207,7 +193,7 @@ def test_lab_cli_up_with_agent_and_envoy_then_down_stops_everything(bpf_env: Non
         doc = json.loads((agent_dir(lab_id) / "procs.json").read_text())
         pids = [int(p["pid"]) for p in doc["procs"].values()]
         assert len(pids) == 2 and all(Path(f"/proc/{p}").exists() for p in pids)
-        assert f"agent for node lab-{lab_id}: {doc['url']}" in up.stdout
+        assert f"agent for node1 (node lab-{lab_id}): {doc['url']}" in up.stdout
         with urllib.request.urlopen(doc["url"] + "/status", timeout=5) as r:
             st = json.loads(r.read())
         assert st["ready"] and st["objects"]["Pod"] == 2 and st["xds"]["streams"], st

@@ -14,10 +14,26 @@ from sockops_bpf.loader import SRC_DIR
 
 pytestmark = pytest.mark.unit
 
-STRUCTS = {"ip_addr": layout.IpAddr, "endpoint_info": layout.EndpointInfo, "sock_key": layout.SockKey}
-CONSTANTS = {"MAX_ENDPOINTS": layout.MAX_ENDPOINTS, "MAX_SOCKETS": layout.MAX_SOCKETS, "CNT_MAX": layout.CNT_MAX,
-             "EP_F_LOOPBACK": layout.EP_F_LOOPBACK,
-             **{f"CNT_{c.name}": int(c) for c in layout.Counter}}
+STRUCTS = {"ip_addr": layout.IpAddr, "endpoint_info": layout.EndpointInfo, "sock_key": layout.SockKey,
+           **layout.LB_STRUCTS, **layout.MESH_STRUCTS, **layout.POLICY_STRUCTS,
+           **layout.FLOW_STRUCTS}
+CONSTANTS = {
+    **{k: getattr(layout, k) for k in (
+        "MAX_ENDPOINTS", "MAX_SOCKETS", "CNT_MAX", "EP_F_LOOPBACK",
+        "LB_MAX_SERVICES", "LB_MAX_SLOTS", "LB_MAX_BACKENDS", "LB_MAX_REVERSE", "LB_MAX_AFFINITY", "LB_MAX_SKIP",
+        "LB_F_AFFINITY", "LB_SKIP_EXCLUDED", "LB_SKIP_ISTIO", "LB_CNT_MAX", "LB_MAX_CIDRS",
+        "MESH_MAX_IPCACHE", "MESH_MAX_LOCAL_PODS", "MESH_MAX_ORIG_DST", "MESH_CAPTURE_PORT", "MESH_HBONE_PORT",
+        "IPC_F_LOCAL", "IPC_F_MTLS", "IPC_F_STRICT", "IPC_F_HOST", "IDENTITY_UNKNOWN", "IDENTITY_HOST",
+        "IDENTITY_WORLD", "IDENTITY_REMOTE_NODE", "POD_F_CAPTURE", "MESH_CNT_MAX",
+        "POL_MAX_ENTRIES", "POL_MAX_RULES", "POL_ANY_PORT_PREFIXLEN", "POL_INGRESS", "POL_EGRESS", "POL_ALLOW",
+        "POL_DENY", "FLOW_RING_BYTES", "FLOW_OPEN", "FLOW_CLOSE", "FLOW_REFUSED", "FLOW_PATH_TCP",
+        "FLOW_PATH_SPLICED", "FLOW_PATH_TUNNEL", "FLOW_PATH_UDP", "FLOW_REASON_NO_BACKEND", "FLOW_REASON_NO_SERVICE",
+        "FLOW_REASON_POLICY", "FLOW_REASON_STRICT_PLAINTEXT", "FLOW_F_BYTES_LOWER_BOUND", "FLOW_CNT_MAX")},
+    **{f"CNT_{c.name}": int(c) for c in layout.Counter},
+    **{f"LB_CNT_{c.name}": int(c) for c in layout.LbCounter},
+    **{f"MESH_CNT_{c.name}": int(c) for c in layout.MeshCounter},
+    **{f"FLOW_CNT_{c.name}": int(c) for c in layout.FlowCounter},
+}
 
 
 def c_layout(tmp_path: Path) -> dict[str, int]:
@@ -59,3 +75,15 @@ def test_ipv4_is_stored_ipv4_mapped() -> None:
     assert bytes(a.addr) == bytes(10) + b"\xff\xff" + bytes([10, 1, 2, 3])
     assert str(a.to_ip()) == "10.1.2.3"
     assert str(layout.IpAddr.from_ip("fd00::1").to_ip()) == "fd00::1"
+
+
+def test_every_pinned_map_is_pinned_under_its_layout_version() -> None:
+    """maps.h pins each map at <name> (layout 1) or <name>_v<N>; layout.py says which N, and the loader
+    and the map views open pins by that name (a layout change that forgets one side fails here)."""
+    import re
+
+    text = (SRC_DIR / "maps.h").read_text()
+    pinned = set(re.findall(r'PIN_DIR "/(\w+)"', text))
+    assert pinned == {layout.pin_name(name) for name in layout.MAPS} | {"flow_events"}  # a ring buffer: no mirror
+    for (name, version), _migration in layout.MIGRATIONS.items():
+        assert version < layout.layout_version(name), f"a migration of {name} from its current layout"

@@ -55,7 +55,7 @@ def setup(table: MutableMapping[str, int]) -> tuple[ClusterState, LocalEndpoints
     return st, rec
 
 
-def test_only_local_eligible_pods_and_only_differences() -> None:
+def test_only_pods_served_on_this_node_and_only_differences() -> None:
     table = RecordingMap()
     st, rec = setup(table)
     st.apply([pod("a", "10.0.0.1"), pod("b", "10.0.0.2", node="n2"), pod("h", "192.168.0.5", host_network=True),
@@ -81,7 +81,7 @@ def test_nothing_written_before_sync_then_corrected_in_place() -> None:
     right = st0.workload_by_ip("10.0.0.1")
     assert right is not None
     # What a previous agent left pinned: one right entry, one wrong identity, one stale pod.
-    table = RecordingMap({"10.0.0.1": right.identity.number, "10.0.0.2": 12345, "10.0.0.9": 777})
+    table = RecordingMap({"10.0.0.1": right.security_identity, "10.0.0.2": 12345, "10.0.0.9": 777})
     st, rec = setup(table)
     st.apply([pod("keep", "10.0.0.1"), pod("changed", "10.0.0.2"), pod("new", "10.0.0.3")])
     assert table.ops == []  # the kernel keeps serving the old entries until the model is complete
@@ -97,11 +97,11 @@ def test_reused_ip_goes_to_the_newest_claim_and_back() -> None:
     st.apply([pod("old", "10.0.0.1", sa="a")], synced=True)
     st.apply([pod("new", "10.0.0.1", sa="b")])
     new = st.workload_by_ip("10.0.0.1")
-    assert new is not None and table.data["10.0.0.1"] == new.identity.number
+    assert new is not None and table.data["10.0.0.1"] == new.security_identity
     st.apply([Event(EventType.DELETED, pod("new", "10.0.0.1", sa="b").record)])
     old = st.workload(pod("old", "10.0.0.1").key)
     assert old is not None and old.identity != new.identity
-    assert table.data["10.0.0.1"] == old.identity.number and rec.matches_model()
+    assert table.data["10.0.0.1"] == old.security_identity and rec.matches_model()
     st.apply([Event(EventType.DELETED, pod("old", "10.0.0.1", sa="a").record)])
     assert table.data == {}
 

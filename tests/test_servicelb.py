@@ -4,16 +4,13 @@ namespaces; service addresses (10.96.0.0/16, fd00:96::/112) exist only inside th
 
 from __future__ import annotations
 
-import ctypes as ct
 import errno
 import json
 import logging
-import shutil
 import subprocess
 import sys
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -171,32 +168,6 @@ def delete(*records: Any) -> list[Event]:
 
 
 # ---- unit: layouts and desired state ------------------------------------------------------------------
-
-
-@pytest.mark.unit
-def test_lb_layouts_match_maps_h(tmp_path: Path) -> None:
-    cc = shutil.which("cc") or shutil.which("gcc")
-    require(cc is not None, "a C compiler is needed for the layout probe")
-    lines = ["#include <stdio.h>", "#include <stddef.h>", '#include "maps.h"', "int main(void) {"]
-    want: dict[str, int] = {}
-    for name, cls in layout.LB_STRUCTS.items():
-        lines.append(f'printf("{name} %zu\\n", sizeof(struct {name}));')
-        want[name] = ct.sizeof(cls)
-        for fld, *_ in cls._fields_:
-            lines.append(f'printf("{name}.{fld} %zu\\n", offsetof(struct {name}, {fld}));')
-            want[f"{name}.{fld}"] = getattr(cls, fld).offset
-    consts = {k: getattr(layout, k) for k in ("LB_MAX_SERVICES", "LB_MAX_SLOTS", "LB_MAX_BACKENDS", "LB_MAX_REVERSE",
-                                              "LB_MAX_AFFINITY", "LB_MAX_SKIP", "LB_F_AFFINITY", "LB_SKIP_EXCLUDED",
-                                              "LB_SKIP_ISTIO", "LB_CNT_MAX", "LB_MAX_CIDRS")}
-    consts.update({f"LB_CNT_{c.name}": int(c) for c in layout.LbCounter})
-    for k in consts:
-        lines.append(f'printf("{k} %ld\\n", (long)({k}));')
-    want.update(consts)
-    (tmp_path / "probe.c").write_text("\n".join([*lines, "return 0;", "}"]))
-    subprocess.run([str(cc), "-DMESHACCEL_LAYOUT_ONLY", f"-I{loader.SRC_DIR}", "-o", str(tmp_path / "probe"),
-                    str(tmp_path / "probe.c")], check=True)
-    out = subprocess.run([str(tmp_path / "probe")], capture_output=True, text=True, check=True).stdout
-    assert {k: int(v) for k, v in (line.split() for line in out.splitlines())} == want
 
 
 class Problems:

@@ -9,12 +9,15 @@ import pytest
 from accel.state import identity
 from accel.state.identity import IdentityAllocator, natural_number, spiffe_id
 from accel.state.model import (
+    AuthorizationPolicy,
+    AuthzSource,
     ChangeSet,
     Event,
     EventType,
     HTTPRoute,
     Kind,
     MtlsMode,
+    NetworkPolicy,
     ObjectKey,
     Pod,
     Service,
@@ -113,7 +116,7 @@ def test_identity_numbers_are_deterministic_and_never_reserved(tmp_path: Path) -
 
 
 def test_identity_collisions_probe_and_survive_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(identity, "natural_number", lambda s: 1000)  # force every identity to collide
+    monkeypatch.setattr(identity, "natural_number", lambda s, low=0, high=0: 1000)  # force every identity to collide
     first = IdentityAllocator(tmp_path)
     assert first.number("spiffe://x/ns/a/sa/a") == 1000
     assert first.number("spiffe://x/ns/b/sa/b") == 1001
@@ -182,3 +185,127 @@ def test_service_and_slice_bad_input_is_reported_and_kept() -> None:
     assert problems == ["service_without_selector", "endpointslice_unknown_service"]
     assert len(st.slices_of("default", "ghost")) == 1  # kept: the Service may arrive later
     assert st.slices_of("default", "ghost")[0].endpoints[0].ready  # unset condition means ready
+
+
+# --- policy records, PeerAuthentication, security identities ---------------------------------------
+
+
+def np_obj(name: str, spec: dict, ns: str = "default") -> dict:
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": name, "namespace": ns}, "spec": spec}
+
+
+def ap_obj(name: str, spec: dict, ns: str = "default") -> dict:
+    return {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": name, "namespace": ns}, "spec": spec}
+
+
+def pa_obj(name: str, ns: str, mode: str, *, selector: dict | None = None, created: str = "") -> dict:
+    spec: dict = {"mtls": {"mode": mode}}
+    if selector is not None:
+        spec["selector"] = {"matchLabels": selector}
+    return {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+            "metadata": {"name": name, "namespace": ns, "creationTimestamp": created}, "spec": spec}
+
+
+def test_pod_keeps_its_named_container_ports() -> None:
+    obj = pod_obj("a")
+    obj["spec"]["containers"] = [{"name": "c", "ports": [{"name": "http", "containerPort": 8080},
+                                                         {"containerPort": 9999},  # unnamed: not kept
+                                                         {"name": "dns", "containerPort": 53, "protocol": "UDP"},
+                                                         {"name": "bad", "containerPort": "x"}]}]  # skipped
+    p = parse_object(obj)
+    assert isinstance(p, Pod)
+    assert p.port_named("http", "TCP") == 8080 and p.port_named("dns", "UDP") == 53
+    assert p.port_named("dns", "TCP") is None and p.port_named("bad", "TCP") is None
+
+
+def test_network_policy_defaults_and_problems_stay_on_the_record() -> None:
+    np = parse_object(np_obj("a", {"podSelector": {"matchLabels": {"app": "db"}},
+                                   "ingress": [{"from": [{"namespaceSelector": {}, "podSelector": {}}],
+                                                "ports": [{"port": 5000, "endPort": 5010}, {"port": "http"}]}]}))
+    assert isinstance(np, NetworkPolicy)
+    assert np.policy_types == ("Ingress",) and not np.problems  # Egress only when there are egress rules
+    assert np.ingress[0].ports[0].end_port == 5010 and np.ingress[0].ports[1].port == "http"
+    np = parse_object(np_obj("b", {"podSelector": {}, "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]}]}))
+    assert isinstance(np, NetworkPolicy) and np.policy_types == ("Ingress", "Egress")
+    # Unknown fields, an invalid CIDR, an except outside its cidr: problems on the rule, named.
+    np = parse_object(np_obj("c", {"podSelector": {}, "ingres": [],
+                                   "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.300/8"}}]},
+                                              {"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["11.0.0.0/8"]}}]},
+                                              {"too": []}]}))
+    assert isinstance(np, NetworkPolicy)
+    assert np.problems == ("NetworkPolicy default/c: spec: unknown field 'ingres'",)
+    assert "is not a CIDR" in np.egress[0].problems[0] and "strict subset" in np.egress[1].problems[0]
+    assert "unknown field 'too'" in np.egress[2].problems[0]
+
+
+def test_authorization_policy_problems_keep_deny_rules_wide() -> None:
+    ap = parse_object(ap_obj("d", {"action": "DENY", "rules": [
+        {"from": [{"source": {"principals": ["cluster.local/ns/a/sa/b"], "ipBlocks": ["10.0.0.999"]}}, "oops"],
+         "to": [{"operation": {"ports": ["80"], "methods": ["GET"]}}]}]}))
+    assert isinstance(ap, AuthorizationPolicy)
+    rule = ap.rules[0]
+    assert len(rule.problems) == 2 and "ipBlocks" in rule.problems[0]
+    # The unreadable field is left out (the source matches more), the unreadable entry is a wildcard.
+    assert rule.sources[0].principals == ("cluster.local/ns/a/sa/b",) and rule.sources[0].ip_blocks == ()
+    assert rule.sources[1] == AuthzSource()
+    assert rule.operations[0].has_l7 and rule.operations[0].ports == ("80",)
+    ap = parse_object(ap_obj("e", {"action": "MAYBE", "selector": {"matchExpressions": []}}))
+    assert isinstance(ap, AuthorizationPolicy) and ap.action == "ALLOW" and ap.selector is None
+    assert len(ap.problems) == 2
+
+
+def test_peer_authentication_sits_below_the_annotation() -> None:
+    objects: list[tuple[str, ObjectKey]] = []
+    st = ClusterState(default_mtls=MtlsMode.DISABLE,
+                      on_object_problem=lambda r, k, m: objects.append((r, k)))
+    add(st, ns_obj("istio-system"), ns_obj("shop"), ns_obj("ann", annotations={"meshaccel.io/mtls": "disable"}),
+        pod_obj("a", "shop", labels={"app": "a"}), pod_obj("b", "shop", labels={"app": "b"}),
+        pod_obj("c", "ann", ip="10.0.0.3"),
+        pod_obj("d", "shop", labels={"app": "b"}, annotations={"meshaccel.io/mtls": "permissive"}))
+
+    def modes() -> dict[str, tuple[MtlsMode, str]]:
+        return {w.pod.name: (w.mtls, w.mtls_source) for w in st.workloads()}
+
+    cs = add(st, pa_obj("mesh", "istio-system", "STRICT"))
+    assert {wc.key.name for wc in cs.workloads} == {"a", "b"}  # only pods whose mode changed
+    m = modes()
+    assert m["a"] == (MtlsMode.STRICT, "PeerAuthentication/istio-system/mesh")
+    assert m["c"] == (MtlsMode.DISABLE, "namespace") and m["d"] == (MtlsMode.PERMISSIVE, "pod")
+    add(st, pa_obj("ns", "shop", "PERMISSIVE"), pa_obj("wl", "shop", "DISABLE", selector={"app": "b"}))
+    m = modes()
+    assert m["a"][0] is MtlsMode.PERMISSIVE and m["b"] == (MtlsMode.DISABLE, "PeerAuthentication/shop/wl")
+    add(st, pa_obj("wl", "shop", "UNSET", selector={"app": "b"}))  # UNSET defers to the namespace level
+    assert modes()["b"][0] is MtlsMode.PERMISSIVE
+    # Two namespace-wide policies: the oldest applies, the other is reported on its object.
+    add(st, pa_obj("ns2", "shop", "STRICT", created="2020-01-01T00:00:00Z"))
+    assert modes()["a"][0] is MtlsMode.STRICT
+    assert ("peer_authentication_conflict", ObjectKey(Kind.PEER_AUTHENTICATION, "shop", "ns")) in objects
+    st.apply([Event(EventType.DELETED, parse_object(pa_obj("ns2", "shop", "STRICT")))])
+    assert modes()["a"][0] is MtlsMode.PERMISSIVE
+    # The annotation problem of a pod goes to the object reporter too.
+    add(st, pod_obj("e", "shop", ip="10.0.0.9", annotations={"meshaccel.io/mtls": "sure"}))
+    assert ("mtls_annotation", ObjectKey(Kind.POD, "shop", "e")) in objects
+
+
+def test_security_identity_is_shared_by_equal_pods_with_a_reverse_table() -> None:
+    st = ClusterState()
+    add(st, ns_obj("shop"), pod_obj("a1", "shop", labels={"app": "a"}), pod_obj("a2", "shop", ip="10.0.0.2",
+                                                                               labels={"app": "a"}),
+        pod_obj("b", "shop", ip="10.0.0.3", labels={"app": "b"}), pod_obj("x", "shop", ip="10.0.0.4", sa="other",
+                                                                           labels={"app": "a"}))
+    w = {w.pod.name: w for w in st.workloads()}
+    n = w["a1"].security_identity
+    assert n == w["a2"].security_identity >= identity.SECURITY_MIN
+    assert len({n, w["b"].security_identity, w["x"].security_identity}) == 3
+    si = st.security_identity(n)
+    assert si is not None and (si.namespace, si.service_account, dict(si.labels)) == ("shop", "web", {"app": "a"})
+    # The number is a function of (namespace, service account, labels): another agent derives the same.
+    assert ClusterState().security_ids.number(identity.security_key("shop", "web", {"app": "a"})) == n
+    # Gone with its last pod, back with the same number.
+    for name in ("a1", "a2"):
+        st.apply([Event(EventType.DELETED, parse_object(pod_obj(name, "shop", labels={"app": "a"})))])
+    assert st.security_identity(n) is None and n not in st.security_identities()
+    add(st, pod_obj("a3", "shop", ip="10.0.0.7", labels={"app": "a"}))
+    assert st.security_identity(n) is not None

@@ -35,8 +35,9 @@ def start(lab: Lab, server_pod: str, client_pod: str, host: str, port: int, conn
 
 
 def established(lab: Lab, pod: str, port: int) -> int:
-    """TCP connections in `pod` established to or from `port` (either end of a lab_traffic run)."""
-    out = lab.run(pod, ["ss", "-Htn", "state", "established", f"( sport = :{port} or dport = :{port} )"],
+    """Established TCP connections a server on `port` in `pod` accepted (the server's side is
+    established last: its count says the whole handshake is done)."""
+    out = lab.run(pod, ["ss", "-Htn", "state", "established", f"sport = :{port}"],
                   in_cgroup=False, capture_output=True, text=True, check=True)
     return len(out.stdout.splitlines())
 

@@ -4,20 +4,22 @@ SDS) points back at ADS, so one stream carries everything."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, substitution_format_string_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.access_loggers.file.v3 import file_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
-from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 
 
 def ads() -> config_source_pb2.ConfigSource:
@@ -91,6 +93,34 @@ def http_listener(name: str, ip: str, port: int, route_config: str,
         chain.transport_socket.name = "envoy.transport_sockets.tls"
         chain.transport_socket.typed_config.CopyFrom(pack(tls_pb2.DownstreamTlsContext(common_tls_context=common)))
     return listener_pb2.Listener(name=name, address=socket_address(ip, port), filter_chains=[chain])
+
+
+# What the mesh listeners log per connection or tunnel (Envoy's format operators).
+MESH_LOG_FIELDS = {
+    "start_time": "%START_TIME%",
+    "listener": "%ACCESS_LOG_TYPE%",
+    "downstream_peer": "%DOWNSTREAM_PEER_URI_SAN%",  # the client's SPIFFE ID on an inbound tunnel
+    "upstream_peer": "%UPSTREAM_PEER_URI_SAN%",  # the server's SPIFFE ID on an outbound tunnel
+    "downstream_remote": "%DOWNSTREAM_REMOTE_ADDRESS%",
+    "downstream_local": "%DOWNSTREAM_LOCAL_ADDRESS%",
+    "upstream_host": "%UPSTREAM_HOST%",
+    "authority": "%REQ(:AUTHORITY)%",
+    "forwarded": "%REQ(FORWARDED)%",
+    "response_code": "%RESPONSE_CODE%",
+    "response_flags": "%RESPONSE_FLAGS%",
+    "bytes_received": "%BYTES_RECEIVED%",
+    "bytes_sent": "%BYTES_SENT%",
+    "duration_ms": "%DURATION%",
+    "route": "%ROUTE_NAME%",
+}
+
+
+def file_access_log(path: str, fields: Mapping[str, str] = MESH_LOG_FIELDS) -> accesslog_pb2.AccessLog:
+    """One JSON object per line into `path`."""
+    fmt = struct_pb2.Struct()
+    fmt.update(dict(fields))
+    return accesslog_pb2.AccessLog(name="envoy.access_loggers.file", typed_config=pack(file_pb2.FileAccessLog(
+        path=path, log_format=substitution_format_string_pb2.SubstitutionFormatString(json_format=fmt))))
 
 
 def string_match(kind: str, value: str) -> string_pb2.StringMatcher:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sys
 from collections.abc import MutableMapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ from accel.agent import Agent, AgentConfig
 from accel.agent_certs import make_signer
 from accel.agent_xds import DEFAULT_PORT_BASE
 from accel.errors import UserError
+from accel.flows import DEFAULT_CAPACITY
 from accel.sources.base import Source
 from accel.state.model import MtlsMode
 from certs.manager import CertManager
@@ -39,6 +42,13 @@ def register(sub: Any) -> None:
                         "that is no service fails at once with ECONNREFUSED")
     p.add_argument("--default-mtls", choices=[m.value for m in MtlsMode], default="disable",
                    help="mTLS mode for pods with no meshaccel.io/mtls annotation on pod or namespace")
+    p.add_argument("--istio-root-namespace", default="istio-system", metavar="NS",
+                   help="Istio's root namespace: AuthorizationPolicy and PeerAuthentication there apply mesh-wide")
+    p.add_argument("--node-address", action="append", default=[], metavar="IP",
+                   help="an address this node's host-network processes reach its pods from (the node Envoy's "
+                        "connections to pods); repeat for IPv6. Known to the kernel as this node (HOST)")
+    p.add_argument("--no-splice-loopback", dest="splice_loopback", action="store_false",
+                   help="do not splice loopback connections (the legs between apps and the node Envoy)")
     c = p.add_argument_group("certificates (off unless a CA is given)")
     c.add_argument("--ca-address", metavar="HOST:PORT", help="the CSR API (`accel ca serve`) to get workload SVIDs from")
     c.add_argument("--node-credential", type=Path, metavar="DIR",
@@ -55,8 +65,15 @@ def register(sub: Any) -> None:
     x.add_argument("--xds-listen", metavar="HOST:PORT|unix:PATH", help="serve ADS to this node's Envoy here")
     x.add_argument("--l7-bind", default="127.0.0.1", metavar="IP",
                    help="address Envoy's L7 and inbound mTLS listeners bind to (the node's address in the lab)")
+    x.add_argument("--envoy-access-log", metavar="FILE",
+                   help="the node Envoy writes one JSON line per tunnel here (peer SPIFFE IDs, bytes, status)")
     x.add_argument("--l7-port-base", type=int, default=DEFAULT_PORT_BASE, metavar="PORT",
                    help="listener ports are assigned from here up, one per L7 service port / inbound pod port")
+    f = p.add_argument_group("flows (accel observe)")
+    f.add_argument("--flows-kept", type=int, default=DEFAULT_CAPACITY, metavar="N",
+                   help=f"keep the last N flows for /flows and `accel observe` (default {DEFAULT_CAPACITY})")
+    f.add_argument("--als-listen", metavar="HOST:PORT|unix:PATH",
+                   help="receive Envoy's access log here (gRPC ALS): tunnel and L7 flows")
     p.set_defaults(func=run)
 
 
@@ -82,11 +99,22 @@ def make_source(spec: str, kubeconfig: str | None) -> Source:
     raise UserError(f"--source {spec!r} is not 'kube' or 'manifests:DIR'")
 
 
-def open_maps(kind: str, instance: str, cgroup: Path | None) -> tuple[MutableMapping[str, int], Any, Any]:
-    """The local endpoint map, the service LB maps (None in memory mode) and the objects that own
-    them (closed on exit)."""
+@dataclass
+class KernelMaps:
+    """The pinned maps the agent writes (all None in memory mode) and what to close on exit."""
+
+    local_endpoints: MutableMapping[str, int]
+    lb: Any = None
+    mesh: Any = None
+    policy: Any = None  # .policy (the policy map) and .ipcache (for the compiler's CIDRs)
+    owners: list[Any] = field(default_factory=list)
+
+
+def open_maps(kind: str, instance: str, cgroup: Path | None) -> KernelMaps:
     if kind == "memory":
-        return {}, None, []
+        return KernelMaps({})
+    from types import SimpleNamespace
+
     from sockops_bpf import loader, maps
 
     if kind == "bpf":
@@ -94,7 +122,10 @@ def open_maps(kind: str, instance: str, cgroup: Path | None) -> tuple[MutableMap
     pdir = loader.pin_dir(instance)
     pinned = maps.open_pinned(pdir)
     lb = maps.open_lb(pdir)
-    return pinned.local_endpoints, lb, [pinned, lb]
+    mesh = maps.open_mesh(pdir)
+    pol = maps.open_policy(pdir)
+    return KernelMaps(pinned.local_endpoints, lb, mesh, SimpleNamespace(policy=pol.policy, ipcache=mesh.ipcache, denies=pol.denies),
+                      [pinned, lb, mesh, pol])
 
 
 def load_in_child(instance: str, cgroup: Path | None) -> None:
@@ -126,6 +157,26 @@ def parse_xds_listen(text: str | None) -> str | None:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def check_addresses(texts: list[str]) -> tuple[str, ...]:
+    import ipaddress
+
+    out = []
+    for t in texts:
+        try:
+            out.append(str(ipaddress.ip_address(t)))
+        except ValueError:
+            raise UserError(f"--node-address {t!r} is not an IP address") from None
+    return tuple(out)
+
+
+def parse_als_listen(text: str | None) -> str | None:
+    try:
+        return parse_xds_listen(text)
+    except UserError:
+        raise UserError(f"--als-listen {text!r} is not HOST:PORT or unix:PATH (e.g. unix:/run/meshaccel/als.sock)") \
+            from None
+
+
 def check_l7(args: argparse.Namespace) -> None:
     import ipaddress
 
@@ -152,6 +203,9 @@ def make_cert_manager(args: argparse.Namespace) -> CertManager | None:
 def run(args: argparse.Namespace) -> int:
     listen = parse_listen(args.listen)
     xds_listen = parse_xds_listen(args.xds_listen)
+    als_listen = parse_als_listen(args.als_listen)
+    if args.flows_kept < 0:
+        raise UserError(f"--flows-kept {args.flows_kept} is negative; give 0 (keep none) or more")
     check_l7(args)
     certs = make_cert_manager(args)
     source = make_source(args.source, args.kubeconfig)
@@ -159,12 +213,17 @@ def run(args: argparse.Namespace) -> int:
         args.state_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--state-dir {args.state_dir}: cannot create it ({e.strerror})") from e
-    table, lb, owners = open_maps(args.maps, args.instance or args.node, args.cgroup)
+    node_addresses = check_addresses(args.node_address)
+    km = open_maps(args.maps, args.instance or args.node, args.cgroup)
     cfg = AgentConfig(node=args.node, state_dir=args.state_dir, listen=listen, trust_domain=args.trust_domain,
                       default_mtls=MtlsMode(args.default_mtls), xds_listen=xds_listen, l7_bind=args.l7_bind,
-                      l7_port_base=args.l7_port_base, service_cidrs=tuple(args.service_cidr))
+                      l7_port_base=args.l7_port_base, service_cidrs=tuple(args.service_cidr),
+                      node_addresses=node_addresses, splice_loopback=args.splice_loopback and args.maps != "memory",
+                      envoy_access_log=args.envoy_access_log, flows_kept=args.flows_kept,
+                      als_listen=als_listen, istio_root_namespace=args.istio_root_namespace)
     try:
-        agent = Agent(cfg, source, table, cert_manager=certs, lb_tables=lb)
+        agent = Agent(cfg, source, km.local_endpoints, cert_manager=certs, lb_tables=km.lb, mesh_tables=km.mesh,
+                      policy_tables=km.policy, flow_events=km.mesh.pin_dir if km.mesh is not None else None)
     except OSError as e:
         raise UserError(f"--listen {args.listen}: cannot listen ({e.strerror})") from e
     stopping = False
@@ -186,9 +245,12 @@ def run(args: argparse.Namespace) -> int:
         agent.stop()
         raise UserError(f"--xds-listen {args.xds_listen}: {e}") from None
     xds = f" xds={agent.xds.server.address}" if agent.xds is not None else ""
-    print(f"accel agent: node={args.node}{xds} listening on http://{agent.address}", flush=True)
+    # One write: with PYTHONUNBUFFERED, print() writes the text and its newline separately, and another
+    # thread's log line can land between them (the lab reads this line to find the agent).
+    sys.stdout.write(f"accel agent: node={args.node}{xds} listening on http://{agent.address}\n")
+    sys.stdout.flush()
     agent.wait()
     agent.stop()
-    for owner in owners:
+    for owner in km.owners:
         owner.close()  # the pins stay: the kernel keeps the fast path and service LB while no agent runs
     return 0

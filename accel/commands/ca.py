@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 import urllib.error
@@ -264,13 +265,13 @@ class _StateSink:
 
 def pods_on_node(state: Any) -> Any:
     """The authorization view: SPIFFE IDs of the running pods scheduled on a node."""
-    from accel.reconcile import eligible
+    from accel.reconcile import on_node
     from certs.spiffe import SpiffeId, SpiffeIdError
 
     def lookup(node: str) -> set[Any]:
         out = set()
         for w in state.workloads():
-            if eligible(w, node):
+            if on_node(w, node):
                 try:
                     out.add(SpiffeId.parse(w.identity.spiffe_id))
                 except SpiffeIdError:
@@ -320,7 +321,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda _s, _f: stop.set())
     signal.signal(signal.SIGHUP, lambda _s, _f: reload.set())
     pods = sum(1 for _ in state.workloads())
-    print(f"accel ca serve: {_describe_root(ca)}; {pods} pods known; listening on {host}:{bound}", flush=True)
+    # One write (see the agent's start line: PYTHONUNBUFFERED splits print() in two).
+    sys.stdout.write(f"accel ca serve: {_describe_root(ca)}; {pods} pods known; listening on {host}:{bound}\n")
+    sys.stdout.flush()
     while not stop.wait(0.5):
         if reload.is_set():  # SIGHUP: the CA folder/Secret changed (root rotation); no restart needed
             reload.clear()

@@ -17,13 +17,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     lab = sub.add_parser("lab", help="simulated node(s) of pods in network namespaces").add_subparsers(
         dest="lab_command", required=True
     )
-    up = lab.add_parser("up", help="build a node with N pods and attach the eBPF programs")
-    up.add_argument("--pods", type=int, default=2)
+    up = lab.add_parser("up", help="build node(s) with N pods and attach the eBPF programs")
+    up.add_argument("--pods", type=int, default=2, help="pods in all, spread over the nodes in turn")
+    up.add_argument("--nodes", type=int, default=1, help="simulated nodes joined by a routed link")
     up.add_argument("--id", help="lab id (default: random)")
     up.add_argument("--no-bpf", action="store_true", help="plain kernel path, nothing attached")
     up.add_argument("--agent", action="store_true",
-                    help="run `accel agent` for the node against a manifest folder of the lab's pods")
-    up.add_argument("--envoy", action="store_true", help="with --agent: a real Envoy for the node, on the agent's xDS")
+                    help="run `accel agent` for each node against one manifest folder of the lab's pods")
+    up.add_argument("--envoy", action="store_true", help="with --agent: a real Envoy per node, on its agent's xDS")
     up.add_argument("--certs", action="store_true", help="with --agent: a lab CA and the agent's cert manager (SDS)")
     up.add_argument("--mtls", choices=["strict", "permissive", "disable"],
                     help="with --agent: meshaccel.io/mtls on the lab namespace")
@@ -68,22 +69,25 @@ def _pick(lab_id: str | None) -> Lab:
 def cmd_up(args: argparse.Namespace) -> int:
     if (args.envoy or args.certs or args.mtls) and not args.agent:
         raise UserError("--envoy, --certs and --mtls need --agent")
-    lab = Lab(args.pods, lab_id=args.id, attach=not args.no_bpf).up()
-    print(f"lab {lab.id} up: {len(lab.pods)} pods, eBPF {'attached at ' + str(lab.cgroup) if lab.attach else 'off'}")
-    for p in lab.pods.values():
-        print(f"  {p.name:8} {p.ipv4:15} {p.ipv6:22} netns={p.netns}")
+    lab = Lab(args.pods, lab_id=args.id, attach=not args.no_bpf, nodes=args.nodes).up()
+    print(f"lab {lab.id} up: {len(lab.nodes)} node(s), {len(lab.pods)} pods, eBPF {'attached' if lab.attach else 'off'}")
+    for n in lab.nodes.values():
+        print(f"  {n.name}: {n.ipv4} (pods {n.subnet4}), netns={n.netns}, cgroup={n.cgroup}")
+        for p in lab.pods_on(n.name):
+            print(f"    {p.name:8} {p.ipv4:15} {p.ipv6:22} netns={p.netns}")
     if args.agent:
         try:
-            la = lab_agent.LabAgent(lab, envoy=args.envoy, certs=args.certs,
-                                    mtls=MtlsMode(args.mtls) if args.mtls else None).up()
+            cluster = lab_agent.LabCluster(lab, envoy=args.envoy, certs=args.certs,
+                                           mtls=MtlsMode(args.mtls) if args.mtls else None).up()
         except BaseException:
             lab.down()
             raise
-        print(f"agent for node {la.node}: {la.url} (accel status --agent {la.url}); "
-              f"drop Services/EndpointSlices/HTTPRoutes into {la.manifests}")
-        if args.envoy:
-            print(f"envoy in the node namespace, listeners on {lab.node_ipv4}; admin: curl --unix-socket "
-                  f"{la.admin_socket} http://x/config_dump")
+        for name, a in cluster.agents.items():
+            print(f"agent for {name} (node {a.node}): {a.url} (accel status --agent {a.url})")
+            if args.envoy:
+                print(f"  envoy in {name}'s namespace, L7 listeners on {lab.node(name).ipv4}; admin: "
+                      f"curl --unix-socket {a.admin_socket} http://x/config_dump")
+        print(f"drop Services/EndpointSlices/HTTPRoutes/policies into {cluster.manifests}")
     print(f"run in a pod: accel lab exec --id {lab.id} pod1 -- CMD; remove: accel lab down --id {lab.id}")
     return 0
 

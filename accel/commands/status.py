@@ -42,7 +42,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         for name, m in d["maps"].items():
             entries = m.get("entries")
             shown = f"{entries}/{m['max_entries']}" if entries is not None else f"-/{m['max_entries']}"
-            print(f"  map       {name:<20} entries {shown}")
+            lay = d["layouts"].get(name, {})
+            older = f", older layout {lay['older_pinned']} still pinned (draining)" if lay.get("older_pinned") else ""
+            print(f"  map       {name:<20} entries {shown:<16} layout {lay.get('version', 1)}{older}")
         for k, v in d.get("counters", {}).items():
             print(f"  counter   {k:<20} {v}")
     print_agent(args.agent)

@@ -1,8 +1,10 @@
-"""Workload identities: SPIFFE IDs and the stable u32 the kernel uses for each.
+"""Workload identities: SPIFFE IDs and the stable u32 the kernel uses for each; the security
+identities of policy (POLICY.md "Identities") and their number spaces.
 
-The number is a hash of the SPIFFE ID, so every agent (and every restart) derives the same number
-without coordination. On the rare collision the later identity probes to the next free number and
-that choice is persisted in the state directory, so a restart reproduces it.
+A number is a hash of a canonical key (the SPIFFE ID; for a security identity the namespace, service
+account and labels), so every agent (and every restart) derives the same number without coordination.
+On the rare collision the later key probes to the next free number in its range and that choice is
+persisted in the state directory, so a restart reproduces it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -18,26 +21,43 @@ log = logging.getLogger(__name__)
 DEFAULT_TRUST_DOMAIN = "cluster.local"
 # 0 means "unknown" in the maps; numbers below RESERVED are kept for special identities (host, world).
 RESERVED = 256
-_SPACE = 2**32 - RESERVED
+
+# Security identities (the policy map's subject and peer numbers, POLICY.md).
+ID_ANY = 0  # in a policy key: every peer without entries of its own
+ID_HOST = 1  # this node's own addresses (kubelet probes, the node Envoy's upstream connections)
+ID_WORLD = 2  # an address that matches no ipcache entry
+ID_REMOTE_NODE = 3  # another node's address
+RESERVED_SECURITY_IDS = {ID_ANY: "any", ID_HOST: "host", ID_WORLD: "world", ID_REMOTE_NODE: "remote-node"}
+CIDR_MIN, CIDR_MAX = 16, 65535  # one per distinct CIDR of any ipBlock (accel/policy)
+SECURITY_MIN = 65536  # pod identities: (namespace, service account, labels)
+U32_MAX = 2**32 - 1
 
 
 def spiffe_id(namespace: str, service_account: str, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> str:
     return f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
 
 
-def natural_number(spiffe: str) -> int:
-    """The number an identity gets when nothing collides with it."""
+def security_key(namespace: str, service_account: str, labels: Mapping[str, str]) -> str:
+    """The canonical text a pod's security identity is a hash of (unambiguous for any label text)."""
+    return json.dumps([namespace, service_account, sorted(labels.items())], separators=(",", ":"))
+
+
+def natural_number(spiffe: str, low: int = RESERVED, high: int = U32_MAX) -> int:
+    """The number a key gets in [low, high] when nothing collides with it."""
     h = int.from_bytes(hashlib.blake2b(spiffe.encode(), digest_size=8).digest(), "big")
-    return RESERVED + h % _SPACE
+    return low + h % (high - low + 1)
 
 
 class IdentityAllocator:
-    """SPIFFE ID -> u32, deterministic, collision-safe, persisted only where a collision moved one."""
+    """Key -> u32 in [low, high], deterministic, collision-safe, persisted only where a collision moved
+    one. The default range and file are the SPIFFE ID numbers of local_endpoints."""
 
-    def __init__(self, state_dir: Path | None = None) -> None:
+    def __init__(self, state_dir: Path | None = None, *, low: int = RESERVED, high: int = U32_MAX,
+                 file_name: str = "identities.json") -> None:
+        self.low, self.high = low, high
         self._by_id: dict[str, int] = {}
         self._by_number: dict[int, str] = {}
-        self._path = state_dir / "identities.json" if state_dir is not None else None
+        self._path = state_dir / file_name if state_dir is not None else None
         self._moved: dict[str, int] = {}
         if self._path is not None and self._path.exists():
             try:
@@ -56,11 +76,13 @@ class IdentityAllocator:
         num = self._by_id.get(spiffe)
         if num is not None:
             return num
-        num = natural_number(spiffe)
+        num = natural_number(spiffe, self.low, self.high)
         probes = 0
         while num in self._by_number:
             probes += 1
-            num = RESERVED + (num - RESERVED + 1) % _SPACE
+            if probes > self.high - self.low:
+                raise OverflowError(f"identity range [{self.low}, {self.high}] is full")
+            num = self.low + (num - self.low + 1) % (self.high - self.low + 1)
         self._take(spiffe, num)
         if probes:
             log.warning("event=identity_collision spiffe_id=%s number=%d probes=%d", spiffe, num, probes)
@@ -70,6 +92,8 @@ class IdentityAllocator:
 
     def spiffe_of(self, number: int) -> str | None:
         return self._by_number.get(number)
+
+    key_of = spiffe_of  # the same for allocators of other keys
 
     def _save(self) -> None:
         if self._path is None:

@@ -73,6 +73,16 @@ class ObjectKey(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
+class ContainerPort:
+    """A named container port (spec.containers[].ports[] with a name): what a NetworkPolicy port name
+    or a Service targetPort name resolves to on this pod."""
+
+    name: str
+    protocol: str  # TCP | UDP | SCTP
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
 class Pod:
     name: str
     namespace: str
@@ -86,8 +96,15 @@ class Pod:
     ready: bool  # condition Ready == True
     host_network: bool
     resource_version: str = ""
+    named_ports: tuple[ContainerPort, ...] = ()  # only ports that have a name
 
     kind = Kind.POD
+
+    def port_named(self, name: str, protocol: str) -> int | None:
+        for p in self.named_ports:
+            if p.name == name and p.protocol == protocol:
+                return p.port
+        return None
 
     @property
     def key(self) -> ObjectKey:
@@ -251,17 +268,26 @@ class NetworkPolicyPort:
 class NetworkPolicyRule:
     peers: tuple[NetworkPolicyPeer, ...]  # empty: all peers
     ports: tuple[NetworkPolicyPort, ...]  # empty: all ports
+    # What made this rule unreadable (unknown field, bad value): a rule with problems allows nothing.
+    problems: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class NetworkPolicy:
+    """networking.k8s.io/v1 NetworkPolicy, kept even when parts of it are unreadable: a policy we
+    cannot read must still isolate what it selects (accel/policy never turns bad input into allow)."""
+
     name: str
     namespace: str
-    pod_selector: LabelSelector
-    policy_types: tuple[str, ...]  # Ingress and/or Egress
+    pod_selector: LabelSelector  # the empty selector (whole namespace) when spec.podSelector is unreadable
+    policy_types: tuple[str, ...]  # Ingress and/or Egress, defaulted as the API does
     ingress: tuple[NetworkPolicyRule, ...]
     egress: tuple[NetworkPolicyRule, ...]
     resource_version: str = ""
+    # Problems with the spec itself (unknown spec field, unreadable selector or policyTypes): the policy
+    # then isolates what it selects and allows nothing.
+    problems: tuple[str, ...] = ()
+    uid: str = ""  # metadata.uid: names the object in the Events reported on it
 
     kind = Kind.NETWORK_POLICY
 
@@ -284,6 +310,12 @@ class AuthzSource:
     not_ip_blocks: tuple[str, ...] = ()
     remote_ip_blocks: tuple[str, ...] = ()
     not_remote_ip_blocks: tuple[str, ...] = ()
+
+    @property
+    def has_l7(self) -> bool:
+        """Fields only an HTTP proxy can check: JWT principals, and client IPs from X-Forwarded-For."""
+        return bool(self.request_principals or self.not_request_principals or self.remote_ip_blocks
+                    or self.not_remote_ip_blocks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,18 +348,26 @@ class AuthzRule:
     sources: tuple[AuthzSource, ...] = ()  # rule.from[].source
     operations: tuple[AuthzOperation, ...] = ()  # rule.to[].operation
     when: tuple[AuthzCondition, ...] = ()
+    # Unknown or unreadable fields, left out of the record: an ALLOW rule with problems is dropped,
+    # a DENY rule is enforced without them (it then matches more, never less).
+    problems: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class AuthorizationPolicy:
-    """security.istio.io/v1 AuthorizationPolicy."""
+    """security.istio.io/v1 AuthorizationPolicy, kept even when parts of it are unreadable."""
 
     name: str
     namespace: str
     selector: LabelSelector | None  # spec.selector (matchLabels only in Istio); None: whole namespace
-    action: str  # ALLOW | DENY | AUDIT | CUSTOM
+    action: str  # ALLOW | DENY | AUDIT | CUSTOM (anything else is a problem and allows nothing)
     rules: tuple[AuthzRule, ...]
     resource_version: str = ""
+    # Problems with the spec itself (unknown spec field, unreadable selector, rules or action): an ALLOW
+    # policy then allows nothing, a DENY policy keeps the rules it could read.
+    problems: tuple[str, ...] = ()
+    target_refs: tuple[str, ...] = ()  # spec.targetRef(s) as "Kind/name": the policy is for a waypoint or gateway
+    uid: str = ""
 
     kind = Kind.AUTHORIZATION_POLICY
 
@@ -346,6 +386,9 @@ class PeerAuthentication:
     mtls_mode: str  # UNSET | DISABLE | PERMISSIVE | STRICT
     port_level_mtls: Mapping[int, str]
     resource_version: str = ""
+    creation_timestamp: str = ""  # RFC 3339: among equally specific policies the oldest wins (Istio's rule)
+    problems: tuple[str, ...] = ()  # unknown fields, unreadable selector or mode
+    uid: str = ""
 
     kind = Kind.PEER_AUTHENTICATION
 
@@ -465,6 +508,18 @@ class Identity:
 
 
 @dataclass(frozen=True, slots=True)
+class SecurityIdentity:
+    """What a security identity number stands for (POLICY.md "Identities"): every pod with these
+    (namespace, service account, labels) has it, so every NetworkPolicy selector and every Istio
+    principal is a function of the number (with the namespace's current labels)."""
+
+    number: int
+    namespace: str
+    service_account: str
+    labels: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
 class Workload:
     """What the data path needs to know about one pod, derived from the pod and its namespace."""
 
@@ -474,6 +529,10 @@ class Workload:
     istio_sidecar: bool  # annotation sidecar.istio.io/status present
     istio_ambient: bool  # istio.io/dataplane-mode=ambient on the pod or its namespace
     excluded: bool  # label meshaccel.io/exclude="true" on the pod or its namespace
+    # The policy identity (accel.state.identity.SECURITY_MIN and up), shared by pods of equal
+    # (namespace, service account, labels); ClusterState.security_identity(n) says what it stands for.
+    security_identity: int = 0
+    mtls_source: str = ""  # what decided `mtls`: pod | namespace | PeerAuthentication/<ns>/<name> | default
 
     @property
     def key(self) -> ObjectKey:

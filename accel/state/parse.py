@@ -21,6 +21,7 @@ from accel.state.model import (
     AuthzRule,
     AuthzSource,
     BackendRef,
+    ContainerPort,
     Endpoint,
     EndpointPort,
     EndpointSlice,
@@ -186,6 +187,34 @@ def _rv(meta: Mapping[str, Any]) -> str:
     return str(meta.get("resourceVersion") or "")
 
 
+_PORTS: dict[tuple[ContainerPort, ...], tuple[ContainerPort, ...]] = {}
+
+
+def _named_ports(spec: Mapping[str, Any]) -> tuple[ContainerPort, ...]:
+    """The named ports of the pod's containers (what NetworkPolicy port names resolve to). Lenient:
+    a malformed entry is skipped, never a reason to lose the pod."""
+    out: list[ContainerPort] = []
+    containers = spec.get("containers")
+    for c in containers if isinstance(containers, list) else ():
+        ports = c.get("ports") if isinstance(c, Mapping) else None
+        for p in ports if isinstance(ports, list) else ():
+            if not isinstance(p, Mapping):
+                continue
+            name, number = p.get("name"), p.get("containerPort")
+            if isinstance(name, str) and name and isinstance(number, int) and not isinstance(number, bool) \
+                    and 0 < number < 65536:
+                out.append(ContainerPort(_intern(name), _intern(str(p.get("protocol") or "TCP")), number))
+    if not out:
+        return ()
+    key = tuple(out)
+    shared = _PORTS.get(key)
+    if shared is None:  # replicas share one tuple
+        if len(_PORTS) > 50_000:
+            _PORTS.clear()
+        shared = _PORTS[key] = key
+    return shared
+
+
 def parse_pod(obj: Mapping[str, Any]) -> Pod:
     name, ns, meta = _meta(obj, Kind.POD)
     where = f"Pod {ns}/{name}"
@@ -218,6 +247,7 @@ def parse_pod(obj: Mapping[str, Any]) -> Pod:
         ready=ready,
         host_network=bool(spec.get("hostNetwork", False)),
         resource_version=_rv(meta),
+        named_ports=_named_ports(spec),
     )
 
 
@@ -338,143 +368,399 @@ def parse_endpoint_slice(obj: Mapping[str, Any]) -> EndpointSlice:
     )
 
 
-def parse_label_selector(v: Any, what: str) -> LabelSelector:
+_SELECTOR_FIELDS = frozenset({"matchLabels", "matchExpressions"})
+_EXPRESSION_FIELDS = frozenset({"key", "operator", "values"})
+
+
+def _unknown_fields(v: Mapping[str, Any], known: frozenset[str], what: str) -> list[str]:
+    return [f"{what}: unknown field {str(k)!r}" for k in v if k not in known]
+
+
+def parse_label_selector(v: Any, what: str, *, strict: bool = False, match_labels_only: bool = False) -> LabelSelector:
+    """A label selector; `strict` also rejects unknown fields and malformed expressions (policies:
+    a selector we misread would select the wrong pods)."""
     if v is None:
         return LabelSelector()
     if not isinstance(v, Mapping):
         raise ParseError(f"{what} is not a mapping")
+    if strict:
+        known = frozenset({"matchLabels"}) if match_labels_only else _SELECTOR_FIELDS
+        bad = _unknown_fields(v, known, what)
+        if bad:
+            raise ParseError(bad[0] + (" (Istio selectors take matchLabels only)" if match_labels_only else ""))
     exprs = []
     for i, r in enumerate(_list(v.get("matchExpressions"), f"{what}.matchExpressions")):
+        w = f"{what}.matchExpressions[{i}]"
         if not isinstance(r, Mapping) or r.get("operator") not in ("In", "NotIn", "Exists", "DoesNotExist"):
-            raise ParseError(f"{what}.matchExpressions[{i}] has no valid operator")
-        exprs.append(LabelSelectorRequirement(str(r.get("key") or ""), str(r["operator"]),
-                                              _strs(r.get("values"), f"{what}.matchExpressions[{i}].values")))
+            raise ParseError(f"{w} has no valid operator (In, NotIn, Exists, DoesNotExist)")
+        values = _strs(r.get("values"), f"{w}.values")
+        if strict:
+            bad = _unknown_fields(r, _EXPRESSION_FIELDS, w)
+            if bad:
+                raise ParseError(bad[0])
+            if not isinstance(r.get("key"), str) or not r.get("key"):
+                raise ParseError(f"{w}.key is missing")
+            if (r["operator"] in ("In", "NotIn")) != bool(values):
+                raise ParseError(f"{w}: operator {r['operator']} "
+                                 + ("needs values" if r["operator"] in ("In", "NotIn") else "takes no values"))
+        exprs.append(LabelSelectorRequirement(str(r.get("key") or ""), str(r["operator"]), values))
     return LabelSelector(frozen_map(_strmap(v.get("matchLabels"), f"{what}.matchLabels")), tuple(exprs))
 
 
-def _np_rule(r: Any, peers_field: str, what: str) -> NetworkPolicyRule:
-    if not isinstance(r, Mapping):
+def canonical_cidr(text: Any, what: str, *, bare_ip: bool = False) -> str:
+    """A CIDR in canonical text (host bits cleared, as the API server's sloppy parse reads it); with
+    `bare_ip` an address alone is its /32 (/128), as Istio's ipBlocks allow."""
+    s = str(text).strip()
+    if bare_ip and "/" not in s:
+        try:
+            a = ipaddress.ip_address(s)
+            return f"{a.compressed}/{a.max_prefixlen}"
+        except ValueError:
+            raise ParseError(f"{what}={text!r} is not an IP address or CIDR") from None
+    try:
+        return ipaddress.ip_network(s, strict=False).compressed
+    except ValueError:
+        raise ParseError(f"{what}={text!r} is not a CIDR like 10.0.0.0/8") from None
+
+
+_PROTOCOLS = ("TCP", "UDP", "SCTP")
+_PORT_NAME = re.compile(r"^(?=.*[a-z])[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")  # IANA_SVC_NAME
+
+
+def _np_peer(p: Any, what: str) -> NetworkPolicyPeer:
+    if not isinstance(p, Mapping):
         raise ParseError(f"{what} is not a mapping")
-    peers = []
-    for i, p in enumerate(_list(r.get(peers_field), f"{what}.{peers_field}")):
-        if not isinstance(p, Mapping):
-            raise ParseError(f"{what}.{peers_field}[{i}] is not a mapping")
-        block = p.get("ipBlock")
-        peers.append(
-            NetworkPolicyPeer(
-                pod_selector=parse_label_selector(p["podSelector"], f"{what}.podSelector") if "podSelector" in p else None,
-                namespace_selector=parse_label_selector(p["namespaceSelector"], f"{what}.namespaceSelector")
-                if "namespaceSelector" in p
-                else None,
-                ip_block=IPBlock(str(block.get("cidr") or ""), _strs(block.get("except"), f"{what}.ipBlock.except"))
-                if isinstance(block, Mapping)
-                else None,
-            )
-        )
-    ports = []
-    for i, p in enumerate(_list(r.get("ports"), f"{what}.ports")):
-        if not isinstance(p, Mapping):
-            raise ParseError(f"{what}.ports[{i}] is not a mapping")
-        port = p.get("port")
-        end = p.get("endPort")
-        ports.append(
-            NetworkPolicyPort(
-                protocol=str(p.get("protocol") or "TCP"),
-                port=None if port is None else _int_or_name(port, f"{what}.ports[{i}].port"),
-                end_port=None if end is None else _int(end, f"{what}.ports[{i}].endPort", lo=1),
-            )
-        )
-    return NetworkPolicyRule(tuple(peers), tuple(ports))
+    bad = _unknown_fields(p, frozenset({"podSelector", "namespaceSelector", "ipBlock"}), what)
+    if bad:
+        raise ParseError(bad[0])
+    if not p:
+        raise ParseError(f"{what} sets none of podSelector, namespaceSelector, ipBlock")
+    block = p.get("ipBlock")
+    ip_block = None
+    if "ipBlock" in p:
+        if "podSelector" in p or "namespaceSelector" in p:
+            raise ParseError(f"{what}: ipBlock cannot be combined with podSelector or namespaceSelector")
+        if not isinstance(block, Mapping):
+            raise ParseError(f"{what}.ipBlock is not a mapping")
+        bad = _unknown_fields(block, frozenset({"cidr", "except"}), f"{what}.ipBlock")
+        if bad:
+            raise ParseError(bad[0])
+        cidr = canonical_cidr(block.get("cidr"), f"{what}.ipBlock.cidr")
+        net = ipaddress.ip_network(cidr)
+        excepts = []
+        for j, e in enumerate(_list(block.get("except"), f"{what}.ipBlock.except")):
+            ex = canonical_cidr(e, f"{what}.ipBlock.except[{j}]")
+            en = ipaddress.ip_network(ex)
+            if en.version != net.version or not en.subnet_of(net) or en == net:  # type: ignore[arg-type]
+                raise ParseError(f"{what}.ipBlock.except[{j}]={e!r} is not a strict subset of cidr {cidr}")
+            excepts.append(ex)
+        ip_block = IPBlock(cidr, tuple(excepts))
+    return NetworkPolicyPeer(
+        pod_selector=parse_label_selector(p["podSelector"], f"{what}.podSelector", strict=True)
+        if "podSelector" in p else None,
+        namespace_selector=parse_label_selector(p["namespaceSelector"], f"{what}.namespaceSelector", strict=True)
+        if "namespaceSelector" in p else None,
+        ip_block=ip_block,
+    )
+
+
+def _np_port(p: Any, what: str) -> NetworkPolicyPort:
+    if not isinstance(p, Mapping):
+        raise ParseError(f"{what} is not a mapping")
+    bad = _unknown_fields(p, frozenset({"protocol", "port", "endPort"}), what)
+    if bad:
+        raise ParseError(bad[0])
+    proto = str(p.get("protocol") or "TCP")
+    if proto not in _PROTOCOLS:
+        raise ParseError(f"{what}.protocol={proto!r} is not TCP, UDP or SCTP")
+    port = p.get("port")
+    number: int | str | None = None
+    if port is not None:
+        number = _int_or_name(port, f"{what}.port")
+        if isinstance(number, str) and not _PORT_NAME.match(number):
+            raise ParseError(f"{what}.port={port!r} is neither a port number nor a valid port name")
+    end = p.get("endPort")
+    if end is not None:
+        end = _int(end, f"{what}.endPort", lo=1)
+        if not isinstance(number, int) or end < number:
+            raise ParseError(f"{what}.endPort={end} needs a numeric port <= endPort")
+    return NetworkPolicyPort(protocol=proto, port=number, end_port=end)
+
+
+def _np_rule(r: Any, peers_field: str, what: str) -> NetworkPolicyRule:
+    """One ingress/egress rule. Anything unreadable inside it goes to `problems` (the rule then allows
+    nothing): an unknown field may be a typo of `from`, and reading it as "all peers" would open up."""
+    if not isinstance(r, Mapping):
+        return NetworkPolicyRule((), (), (f"{what} is not a mapping",))
+    problems = _unknown_fields(r, frozenset({peers_field, "ports"}), what)
+    peers, ports = [], []
+    try:
+        items = _list(r.get(peers_field), f"{what}.{peers_field}")
+    except ParseError as e:
+        items, problems = [], [*problems, str(e)]
+    for i, p in enumerate(items):
+        try:
+            peers.append(_np_peer(p, f"{what}.{peers_field}[{i}]"))
+        except ParseError as e:
+            problems.append(str(e))
+    try:
+        items = _list(r.get("ports"), f"{what}.ports")
+    except ParseError as e:
+        items, problems = [], [*problems, str(e)]
+    for i, p in enumerate(items):
+        try:
+            ports.append(_np_port(p, f"{what}.ports[{i}]"))
+        except ParseError as e:
+            problems.append(str(e))
+    return NetworkPolicyRule(tuple(peers), tuple(ports), tuple(problems))
+
+
+_NP_SPEC_FIELDS = frozenset({"podSelector", "policyTypes", "ingress", "egress"})
 
 
 def parse_network_policy(obj: Mapping[str, Any]) -> NetworkPolicy:
+    """Never fails once the object has a name: what cannot be read becomes a problem on the record,
+    and the compiler reads a problem as "isolate, allow nothing" (accel/policy)."""
     name, ns, meta = _meta(obj, Kind.NETWORK_POLICY)
     where = f"NetworkPolicy {ns}/{name}"
     spec = obj.get("spec") or {}
+    problems: list[str] = []
     if not isinstance(spec, Mapping):
-        raise ParseError(f"{where}: spec is not a mapping")
-    ingress = tuple(_np_rule(r, "from", f"{where}: spec.ingress[{i}]")
-                    for i, r in enumerate(_list(spec.get("ingress"), f"{where}: spec.ingress")))
-    egress = tuple(_np_rule(r, "to", f"{where}: spec.egress[{i}]")
-                   for i, r in enumerate(_list(spec.get("egress"), f"{where}: spec.egress")))
-    types = _strs(spec.get("policyTypes"), f"{where}: spec.policyTypes") or (
-        ("Ingress", "Egress") if egress else ("Ingress",)
-    )
+        problems.append(f"{where}: spec is not a mapping")
+        spec = {}
+    problems += _unknown_fields(spec, _NP_SPEC_FIELDS, f"{where}: spec")
+    try:
+        selector = parse_label_selector(spec.get("podSelector"), f"{where}: spec.podSelector", strict=True)
+    except ParseError as e:
+        problems.append(f"{e}; the policy applies to the whole namespace")
+        selector = LabelSelector()
+
+    def rules(field_name: str, peers_field: str) -> tuple[NetworkPolicyRule, ...]:
+        try:
+            items = _list(spec.get(field_name), f"{where}: spec.{field_name}")
+        except ParseError as e:
+            problems.append(str(e))
+            return (NetworkPolicyRule((), (), (str(e),)),)
+        return tuple(_np_rule(r, peers_field, f"{where}: spec.{field_name}[{i}]") for i, r in enumerate(items))
+
+    ingress = rules("ingress", "from")
+    egress = rules("egress", "to")
+    try:
+        given = _strs(spec.get("policyTypes"), f"{where}: spec.policyTypes")
+    except ParseError as e:
+        problems.append(str(e))
+        given = ("Ingress", "Egress")
+    bad_types = [t for t in given if t not in ("Ingress", "Egress")]
+    if bad_types:
+        problems.append(f"{where}: spec.policyTypes has {bad_types[0]!r} (Ingress or Egress); "
+                        "both directions are isolated")
+        types: tuple[str, ...] = ("Ingress", "Egress")
+    else:
+        # The API's defaulting: Ingress always, Egress when there are egress rules.
+        types = tuple(dict.fromkeys(given)) or (("Ingress", "Egress") if spec.get("egress") else ("Ingress",))
     return NetworkPolicy(
         name=name,
         namespace=ns,
-        pod_selector=parse_label_selector(spec.get("podSelector"), f"{where}: spec.podSelector"),
+        pod_selector=selector,
         policy_types=types,
         ingress=ingress,
         egress=egress,
         resource_version=_rv(meta),
+        problems=tuple(problems),
+        uid=str(meta.get("uid") or ""),
     )
 
 
-def _camel_fields(v: Any, cls: type, what: str) -> Any:
-    """Build an Authz* record whose fields are all string lists, from the camelCase Istio fields."""
+# Istio's field names (camelCase) for the records' fields, and which are read as what.
+def _camel(f: str) -> str:
+    return re.sub(r"_([a-z])", lambda m: m.group(1).upper(), f)
+
+
+_SOURCE_FIELDS = {_camel(f): f for f in AuthzSource.__dataclass_fields__}
+_OPERATION_FIELDS = {_camel(f): f for f in AuthzOperation.__dataclass_fields__}
+_CIDR_FIELDS = frozenset({"ip_blocks", "not_ip_blocks"})
+_PORT_FIELDS = frozenset({"ports", "not_ports"})
+
+
+def _authz_fields(v: Any, cls: type, fields: Mapping[str, str], what: str, problems: list[str]) -> Any:
+    """An AuthzSource / AuthzOperation from Istio's camelCase fields. A field that cannot be read is
+    left out and named in `problems` (the rule's action decides what that means)."""
     if v is None:
         return cls()
     if not isinstance(v, Mapping):
-        raise ParseError(f"{what} is not a mapping")
-    kwargs = {}
-    for f in cls.__dataclass_fields__:  # type: ignore[attr-defined]
-        camel = re.sub(r"_([a-z])", lambda m: m.group(1).upper(), f)
-        if camel in v:
-            kwargs[f] = _strs(v[camel], f"{what}.{camel}")
+        problems.append(f"{what} is not a mapping")
+        return cls()
+    kwargs: dict[str, tuple[str, ...]] = {}
+    for camel, value in v.items():
+        f = fields.get(str(camel))
+        if f is None:
+            problems.append(f"{what}: unknown field {str(camel)!r}")
+            continue
+        try:
+            items = _strs(value, f"{what}.{camel}")
+            if f in _CIDR_FIELDS:
+                items = tuple(canonical_cidr(x, f"{what}.{camel}", bare_ip=True) for x in items)
+            elif f in _PORT_FIELDS:
+                items = tuple(str(_int(int(x) if x.isdigit() else x, f"{what}.{camel}", lo=1)) for x in items)
+        except ParseError as e:
+            problems.append(str(e))
+            continue
+        kwargs[f] = items
     return cls(**kwargs)
 
 
-def _istio_selector(spec: Mapping[str, Any], what: str) -> LabelSelector | None:
+# `when` keys that are facts of L4 (source identity, source address, destination port); the rest
+# (request.*, destination.ip, connection.sni, experimental.*) need a proxy and are treated as L7.
+WHEN_L4_KEYS = frozenset({"source.principal", "source.namespace", "source.ip", "destination.port"})
+
+
+def _authz_rule(r: Any, w: str) -> AuthzRule:
+    problems: list[str] = []
+    if not isinstance(r, Mapping):
+        return AuthzRule(problems=(f"{w} is not a mapping",))
+    problems += _unknown_fields(r, frozenset({"from", "to", "when"}), w)
+    sources: list[Any] = []
+    ops: list[Any] = []
+    when: list[AuthzCondition] = []
+    for field_name, key, cls, fields, out in (("from", "source", AuthzSource, _SOURCE_FIELDS, sources),
+                                              ("to", "operation", AuthzOperation, _OPERATION_FIELDS, ops)):
+        try:
+            items = _list(r.get(field_name), f"{w}.{field_name}")
+        except ParseError as e:
+            problems.append(str(e))
+            continue
+        for i, item in enumerate(items):
+            where = f"{w}.{field_name}[{i}]"
+            if not isinstance(item, Mapping):
+                # Kept as a wildcard: a DENY rule must not match fewer peers or ports for an entry it
+                # cannot read (an ALLOW rule with problems is dropped whole).
+                problems.append(f"{where} is not a mapping; read as matching everything")
+                out.append(cls())
+                continue
+            problems += _unknown_fields(item, frozenset({key}), where)
+            out.append(_authz_fields(item.get(key), cls, fields, f"{where}.{key}", problems))
+    try:
+        conditions = _list(r.get("when"), f"{w}.when")
+    except ParseError as e:
+        problems.append(str(e))
+        conditions = []
+    for i, c in enumerate(conditions):
+        where = f"{w}.when[{i}]"
+        if not isinstance(c, Mapping) or not isinstance(c.get("key"), str):
+            problems.append(f"{where} has no key")
+            continue
+        bad = _unknown_fields(c, frozenset({"key", "values", "notValues"}), where)
+        try:
+            values = _strs(c.get("values"), f"{where}.values")
+            not_values = _strs(c.get("notValues"), f"{where}.notValues")
+            if c["key"] == "source.ip":
+                values = tuple(canonical_cidr(x, f"{where}.values", bare_ip=True) for x in values)
+                not_values = tuple(canonical_cidr(x, f"{where}.notValues", bare_ip=True) for x in not_values)
+            elif c["key"] == "destination.port":
+                for x in (*values, *not_values):
+                    _int(int(x) if x.isdigit() else x, f"{where}.values", lo=1)
+        except ParseError as e:
+            bad.append(str(e))
+        if bad:
+            problems += bad
+            continue
+        when.append(AuthzCondition(c["key"], values, not_values))
+    return AuthzRule(tuple(sources), tuple(ops), tuple(when), tuple(problems))
+
+
+_AP_SPEC_FIELDS = frozenset({"selector", "rules", "action", "provider", "targetRef", "targetRefs"})
+
+
+def _istio_selector(spec: Mapping[str, Any], what: str, problems: list[str],
+                    fallback: str = "read as the whole namespace") -> LabelSelector | None:
     sel = spec.get("selector")
     if sel is None:
         return None
-    return parse_label_selector(sel, f"{what}: spec.selector")
+    try:
+        return parse_label_selector(sel, f"{what}: spec.selector", strict=True, match_labels_only=True)
+    except ParseError as e:
+        problems.append(f"{e}; {fallback}")
+        return None
+
+
+def _target_refs(spec: Mapping[str, Any]) -> tuple[str, ...]:
+    refs = [spec["targetRef"]] if isinstance(spec.get("targetRef"), Mapping) else []
+    refs += [r for r in spec.get("targetRefs") or () if isinstance(r, Mapping)]
+    return tuple(f"{r.get('kind', '?')}/{r.get('name', '?')}" for r in refs)
 
 
 def parse_authorization_policy(obj: Mapping[str, Any]) -> AuthorizationPolicy:
+    """Never fails once the object has a name (see AuthorizationPolicy.problems and AuthzRule.problems)."""
     name, ns, meta = _meta(obj, Kind.AUTHORIZATION_POLICY)
     where = f"AuthorizationPolicy {ns}/{name}"
     spec = obj.get("spec") or {}
+    problems: list[str] = []
     if not isinstance(spec, Mapping):
-        raise ParseError(f"{where}: spec is not a mapping")
+        problems.append(f"{where}: spec is not a mapping")
+        spec = {}
+    problems += _unknown_fields(spec, _AP_SPEC_FIELDS, f"{where}: spec")
     action = str(spec.get("action") or "ALLOW")
     if action not in ("ALLOW", "DENY", "AUDIT", "CUSTOM"):
-        raise ParseError(f"{where}: spec.action={action!r} is not ALLOW, DENY, AUDIT or CUSTOM")
-    rules = []
-    for i, r in enumerate(_list(spec.get("rules"), f"{where}: spec.rules")):
-        w = f"{where}: spec.rules[{i}]"
-        if not isinstance(r, Mapping):
-            raise ParseError(f"{w} is not a mapping")
-        sources = tuple(_camel_fields((f or {}).get("source"), AuthzSource, f"{w}.from.source")
-                        for f in _list(r.get("from"), f"{w}.from"))
-        ops = tuple(_camel_fields((t or {}).get("operation"), AuthzOperation, f"{w}.to.operation")
-                    for t in _list(r.get("to"), f"{w}.to"))
-        when = tuple(AuthzCondition(
-            key=str((c or {}).get("key") or ""),
-            values=_strs((c or {}).get("values"), f"{w}.when.values"),
-            not_values=_strs((c or {}).get("notValues"), f"{w}.when.notValues"),
-        ) for c in _list(r.get("when"), f"{w}.when"))
-        rules.append(AuthzRule(sources, ops, when))
-    return AuthorizationPolicy(name, ns, _istio_selector(spec, where), action, tuple(rules), _rv(meta))
+        problems.append(f"{where}: spec.action={action!r} is not ALLOW, DENY, AUDIT or CUSTOM; read as an ALLOW "
+                        "policy that allows nothing")
+        action = "ALLOW"
+    try:
+        items = _list(spec.get("rules"), f"{where}: spec.rules")
+    except ParseError as e:
+        problems.append(str(e))
+        items = []
+    rules = tuple(_authz_rule(r, f"{where}: spec.rules[{i}]") for i, r in enumerate(items))
+    selector = _istio_selector(spec, where, problems)
+    return AuthorizationPolicy(name, ns, selector, action, rules, _rv(meta), tuple(problems), _target_refs(spec),
+                               str(meta.get("uid") or ""))
+
+
+_PA_MODES = ("UNSET", "DISABLE", "PERMISSIVE", "STRICT")
+
+
+def _pa_mode(v: Any, what: str, problems: list[str]) -> str:
+    mode = "UNSET"
+    if v is None:
+        return mode
+    if not isinstance(v, Mapping):
+        problems.append(f"{what} is not a mapping")
+        return mode
+    problems += _unknown_fields(v, frozenset({"mode"}), what)
+    mode = str(v.get("mode") or "UNSET")
+    if mode not in _PA_MODES:
+        problems.append(f"{what}.mode={mode!r} is not UNSET, DISABLE, PERMISSIVE or STRICT; read as UNSET")
+        mode = "UNSET"
+    return mode
 
 
 def parse_peer_authentication(obj: Mapping[str, Any]) -> PeerAuthentication:
     name, ns, meta = _meta(obj, Kind.PEER_AUTHENTICATION)
     where = f"PeerAuthentication {ns}/{name}"
     spec = obj.get("spec") or {}
+    problems: list[str] = []
     if not isinstance(spec, Mapping):
-        raise ParseError(f"{where}: spec is not a mapping")
-    mode = str((spec.get("mtls") or {}).get("mode") or "UNSET")
+        problems.append(f"{where}: spec is not a mapping")
+        spec = {}
+    problems += _unknown_fields(spec, frozenset({"selector", "mtls", "portLevelMtls"}), f"{where}: spec")
+    mode = _pa_mode(spec.get("mtls"), f"{where}: spec.mtls", problems)
     port_level: dict[int, str] = {}
     plm = spec.get("portLevelMtls") or {}
     if not isinstance(plm, Mapping):
-        raise ParseError(f"{where}: spec.portLevelMtls is not a mapping")
+        problems.append(f"{where}: spec.portLevelMtls is not a mapping")
+        plm = {}
     for port, m in plm.items():
-        p = _int(int(port) if str(port).isdigit() else port, f"{where}: spec.portLevelMtls key", lo=1)
-        port_level[p] = str((m or {}).get("mode") or "UNSET")
-    return PeerAuthentication(name, ns, _istio_selector(spec, where), mode,
-                              _frozen_int_map(port_level), _rv(meta))
+        try:
+            p = _int(int(port) if str(port).isdigit() else port, f"{where}: spec.portLevelMtls key", lo=1)
+        except ParseError as e:
+            problems.append(str(e))
+            continue
+        port_level[p] = _pa_mode(m, f"{where}: spec.portLevelMtls[{p}]", problems)
+    n = len(problems)
+    selector = _istio_selector(spec, where, problems, "the policy is ignored")
+    if len(problems) > n:  # whom it is for is unknown: it must not set the mode of a whole namespace
+        mode, port_level = "UNSET", {}
+    return PeerAuthentication(name, ns, selector, mode, _frozen_int_map(port_level), _rv(meta),
+                              str(meta.get("creationTimestamp") or ""), tuple(problems), str(meta.get("uid") or ""))
 
 
 def _frozen_int_map(d: dict[int, str]) -> Mapping[int, str]:

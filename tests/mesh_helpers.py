@@ -1,0 +1,95 @@
+"""Helpers for tests of the mesh in the lab: certificates from the lab's CA (or a stranger's), the HBONE
+test client run inside a pod, and small TCP apps."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from accel.lab import Lab
+from accel.lab_agent import agent_dir
+from certs.ca import CertificateAuthority
+from certs.keys import cert_pem, generate_key, key_pem
+from certs.spiffe import SpiffeId
+from certs.store import FileStore
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    cert: Path  # chain, leaf first
+    key: Path
+    ca: Path  # the roots a peer of ours is checked against (the lab CA's)
+
+
+def lab_ca(lab_id: str) -> CertificateAuthority:
+    material = FileStore(agent_dir(lab_id) / "ca").load()
+    assert material is not None, "the lab runs no CA (start its agents with certs=True)"
+    return CertificateAuthority(material)
+
+
+def credential(folder: Path, name: str, spiffe_id: str, lab_id: str, ca: CertificateAuthority | None = None,
+               not_before_offset: float = 0.0, ttl: int = 3600) -> Credential:
+    """A certificate for `spiffe_id` signed by `ca` (the lab's CA by default), written to `folder`.
+    not_before_offset < 0 back-dates it (with a short ttl: an expired certificate)."""
+    signer = ca or lab_ca(lab_id)
+    if not_before_offset:
+        signer = CertificateAuthority(signer.material, signer.trust_domain, clock=lambda: time.time() + not_before_offset)
+    key = generate_key()
+    leaf = signer.issue(SpiffeId.parse(spiffe_id), key.public_key(), ttl)
+    folder.mkdir(parents=True, exist_ok=True)
+    cert, keyf, roots = folder / f"{name}.pem", folder / f"{name}-key.pem", folder / "lab-roots.pem"
+    cert.write_text(cert_pem(leaf) + "".join(signer.chain_pem()[:-1]))
+    keyf.write_text(key_pem(key))
+    roots.write_text(lab_ca(lab_id).trust_bundle_pem())
+    return Credential(cert, keyf, roots)
+
+
+def hbone(lab: Lab, pod: str, addr: str, cred: Credential | None, *extra: str, ca: Path | None = None,
+          timeout: float = 30) -> dict[str, Any]:
+    """Run tests/hbone_client.py inside `pod`; its JSON answer."""
+    argv = [sys.executable, "-m", "tests.hbone_client", "--addr", addr, "--ca", str(ca or (cred.ca if cred else ""))]
+    if cred is not None:
+        argv += ["--cert", str(cred.cert), "--key", str(cred.key)]
+    out = lab.run(pod, [*argv, *extra], capture_output=True, text=True, timeout=timeout)
+    assert out.stdout.strip(), f"hbone client printed nothing: {out.stderr[-1500:]}"
+    doc: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return doc
+
+
+ECHO_SERVER = r"""
+import socket, sys, threading
+s = socket.create_server(("0.0.0.0", int(sys.argv[1]))); print("listening", flush=True)
+def serve(c):
+    with c, c.makefile("rb") as lines:
+        for line in lines:  # one answer per line, until the client half-closes
+            c.sendall(b"echo " + line.strip() + b" from " + repr(c.getpeername()).encode() + b"\n")
+while True:
+    c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+ASK = r"""
+import socket, sys
+try:
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[4]))
+    s.sendall(sys.argv[3].encode() + b"\n")
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    print(data.decode().strip(), "| peer", s.getpeername()[0])
+except OSError as e:
+    print("ERR", type(e).__name__)
+"""
+
+
+def ask(lab: Lab, pod: str, ip: str, port: int, text: str = "hello", timeout: float = 3.0) -> str:
+    """One request/response over plain TCP from `pod`: 'echo <text> from (peer) | peer <getpeername>' or 'ERR <kind>'."""
+    out = lab.run(pod, [sys.executable, "-c", ASK, ip, str(port), text, str(timeout)], capture_output=True,
+                  text=True, timeout=timeout + 30)
+    return str(out.stdout).strip()
