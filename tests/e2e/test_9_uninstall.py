@@ -1,0 +1,23 @@
+"""`kubectl delete -k` plus the cleanup DaemonSet leave no attachment, pin or map on the host."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.e2e import cluster, install
+from tests.e2e.cluster import NODE, PIN_ROOT
+
+
+@pytest.mark.usefixtures("meshaccel")
+def test_uninstall_leaves_nothing_on_the_host() -> None:
+    maps = cluster.pinned_map_ids()
+    assert maps, f"nothing pinned under {PIN_ROOT / NODE} before the uninstall"
+    assert cluster.root_attachments(), "nothing attached at the cgroup root before the uninstall"
+    install.uninstall()
+    assert not install.installed()
+    assert not (PIN_ROOT / NODE).exists(), f"pins left: {list((PIN_ROOT / NODE).rglob('*'))}"
+    assert cluster.root_attachments() == [], f"still attached at {cluster.cgroup2_root()}: {cluster.root_attachments()}"
+    # The maps go once the last reference does (freed asynchronously by the kernel).
+    cluster.poll(lambda: not (maps & cluster.map_ids()), 30, f"maps {sorted(maps)} to be freed")
+    for ns in ("meshaccel-system", "meshaccel-cleanup"):
+        assert cluster.kubectl("get", "namespace", ns, check=False).returncode != 0, f"namespace {ns} is left"
