@@ -45,7 +45,7 @@ STATE = RUN / "state.json"
 LOCK = Path("/run/meshaccel-e2e.lock")
 
 NODE_NAME = "e2e-node"
-NODE_IP = "10.254.0.1"  # on a dummy interface: the node's "real" address, never on the uplink
+NODE_IP = "10.254.0.1"  # on a veth of its own: the node's "real" address, never on the uplink
 NODE_LINK = "mae2e-node"
 BRIDGE = "mae2e-cni0"
 CLUSTER_POD_CIDR = "10.244.0.0/16"
@@ -150,6 +150,14 @@ def cgroup2_mount() -> Path:
 
 def cgroup_v1_mounts() -> list[Path]:
     return [Path(p) for p, fstype, _, _ in mounts() if fstype == "cgroup"]
+
+
+def restricted_oom_score_adj() -> bool:
+    """True where this root lacks CAP_SYS_RESOURCE (bit 24), so oom_score_adj cannot go below 0."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return not int(line.split()[1], 16) >> 24 & 1
+    return False
 
 
 def pure_cgroup_v2() -> bool:
@@ -284,6 +292,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
   enable_cdi = false
+  # Without CAP_SYS_RESOURCE (some sandboxed hosts) a negative oom_score_adj cannot be set; keep the
+  # kubelet's values no lower than containerd's own instead of failing every pod.
+  restrict_oom_score_adj = {'true' if restricted_oom_score_adj() else 'false'}
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"
@@ -291,6 +302,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
       runtime_type = "io.containerd.runc.v2"
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         BinaryName = "{shutil.which('runc') or '/usr/sbin/runc'}"
+        Root = "{RUN / 'runc'}"
         SystemdCgroup = false
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
@@ -559,6 +571,10 @@ def setup_host(st: State) -> None:
         st.files_before[str(d)] = sorted(os.listdir(d)) if d.is_dir() else []
         if not d.exists():
             st.created_dirs.append(str(d))
+    # containerd 1.6 puts its shims' sockets in /run/containerd/s whatever its state folder is.
+    for d in (Path("/run/containerd"), Path("/run/containerd/s")):
+        if not d.exists():
+            st.created_dirs.append(str(d))
     st.save()
     # The guard first: from here on nothing from the pod range leaves.
     p = subprocess.run(["nft", "-f", "-"], input=nft_ruleset(st.uplinks), text=True, capture_output=True)
@@ -566,8 +582,11 @@ def setup_host(st: State) -> None:
         raise NodeError(f"nft guard table: {p.stderr.strip()}")
     for cidr in (SERVICE_CIDR, CLUSTER_POD_CIDR):
         run("ip", "route", "replace", "unreachable", cidr, "proto", "static")
-    run("ip", "link", "add", NODE_LINK, "type", "dummy")
+    # The node's address lives on a veth pair of its own (kernels without the dummy driver have veth):
+    # it is local, so traffic to it never touches a wire.
+    run("ip", "link", "add", NODE_LINK, "type", "veth", "peer", "name", f"{NODE_LINK}-p")
     run("ip", "addr", "add", f"{NODE_IP}/32", "dev", NODE_LINK)
+    run("ip", "link", "set", f"{NODE_LINK}-p", "up")
     run("ip", "link", "set", NODE_LINK, "up")
     # DaemonSet volumes with Bidirectional / HostToContainer propagation need shared host mounts, as a
     # systemd host has them: /sys/fs/bpf made shared (private again at stop); /run/netns bound onto
@@ -823,6 +842,8 @@ def down_all(st: State | None, quiet: bool = False) -> list[str]:
         if f.name not in st.files_before.get(str(f.parent), []):
             with contextlib.suppress(FileNotFoundError):
                 f.unlink()
+    if "/run/containerd" in st.created_dirs and not Path("/run/containerd/containerd.sock").exists():
+        shutil.rmtree("/run/containerd", ignore_errors=True)  # only our shims' sockets were there
     for dname in reversed(st.created_dirs):
         with contextlib.suppress(OSError):
             Path(dname).rmdir()  # only if empty: someone else may have started using it meanwhile
