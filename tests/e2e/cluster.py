@@ -133,9 +133,24 @@ def pinned_map_ids(instance: str = NODE) -> set[int]:
     for pin in (PIN_ROOT / instance).rglob("*"):
         if pin.is_file():
             p = subprocess.run(["bpftool", "-j", "map", "show", "pinned", str(pin)], capture_output=True, text=True)
-            if p.returncode == 0:
-                ids.add(json.loads(p.stdout)["id"])
+            try:
+                doc = json.loads(p.stdout)
+            except ValueError:
+                continue
+            if isinstance(doc, dict) and "id" in doc:  # program and link pins answer {"error": ...}
+                ids.add(doc["id"])
     return ids
+
+
+def local_endpoint_ips() -> set[str]:
+    """Pod addresses in the agent's pinned local_endpoints map, read from the host."""
+    from sockops_bpf import loader, maps
+
+    pinned = maps.open_pinned(loader.pin_dir(NODE))
+    try:
+        return set(pinned.local_endpoints.keys())
+    finally:
+        pinned.close()
 
 
 def deployment(name: str, replicas: int, containers: list[dict[str, Any]], labels: dict[str, str] | None = None,
@@ -183,8 +198,14 @@ def cluster_ip(name: str, ns: str = TEST_NS) -> str:
     return str(get("service", "-n", ns, name)["spec"]["clusterIP"])
 
 
-def http_get(client: str, url: str, timeout: int = 3) -> subprocess.CompletedProcess[str]:
-    return exec_in(client, "wget", "-q", "-T", str(timeout), "-O", "-", url, check=False, timeout=timeout + 30)
+def http_get(client: str, url: str, timeout: int = 5) -> subprocess.CompletedProcess[str]:
+    # busybox's own `timeout`: Debian's busybox wget crashes on its -T option.
+    return exec_in(client, "timeout", str(timeout), "wget", "-q", "-O", "-", url, check=False, timeout=timeout + 30)
+
+
+def tcp_connect(client: str, ip: str, port: int, wait: int = 5) -> subprocess.CompletedProcess[str]:
+    """Open a TCP connection from a busybox pod and close it (busybox nc has no -z)."""
+    return exec_in(client, "sh", "-c", f"nc -w {wait} {ip} {port} </dev/null", check=False, timeout=wait + 30)
 
 
 def poll(fn: Callable[[], Any], timeout: float, what: str, interval: float = 1.0) -> Any:

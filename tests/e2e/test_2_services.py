@@ -57,7 +57,7 @@ def test_http_through_the_cluster_ip_reaches_both_backends(web: str) -> None:
 def test_the_kubernetes_service_is_served_too(web: str) -> None:
     """The API server's own ClusterIP (10.96.0.1:443) leads to its real address, through the agent."""
     vip = cluster.cluster_ip("kubernetes", ns="default")
-    r = cluster.exec_in("client", "nc", "-z", "-w", "3", vip, "443", check=False)
+    r = cluster.tcp_connect("client", vip, 443)
     assert r.returncode == 0, f"connect to {vip}:443 from a pod failed: {r.stderr}"
 
 
@@ -68,7 +68,7 @@ def test_scale_to_zero_is_refused_at_once_and_back_is_served(web: str) -> None:
         "the EndpointSlices of web to empty")
 
     def refused() -> str | None:
-        r = cluster.exec_in("client", "nc", "-w", "5", web, "80", check=False)
+        r = cluster.tcp_connect("client", web, 80)
         return r.stderr if "refused" in r.stderr.lower() else None
 
     # "Connection refused" at once, not a timeout: the LB refuses a service with no backend itself.

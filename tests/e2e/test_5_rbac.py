@@ -59,7 +59,7 @@ def _sign_with(token: str) -> str:
     sid = SpiffeId.parse(f"spiffe://cluster.local/ns/{TEST_NS}/sa/default")
     try:
         result = client.sign(make_csr(generate_key(), sid), sid, 3600)
-        return f"signed:{len(result.cert_chain)}"
+        return f"signed:{len(result.chain_pem)}"
     except SignError as e:
         return f"refused:{e}"
     finally:

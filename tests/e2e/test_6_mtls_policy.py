@@ -54,7 +54,7 @@ def test_network_policy_denies_at_connect_on_real_pods() -> None:
                        "spec": {"podSelector": {"matchLabels": {"app": "np-web"}}, "policyTypes": ["Ingress"]}})
 
         def refused() -> str | None:
-            r = cluster.exec_in("np-client", "nc", "-w", "5", web["status"]["podIP"], "8080", check=False)
+            r = cluster.tcp_connect("np-client", web["status"]["podIP"], 8080)
             return r.stderr if r.returncode != 0 and "timed out" not in r.stderr.lower() else None
 
         cluster.poll(refused, 30, "the denied connect to fail at once")

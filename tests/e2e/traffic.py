@@ -24,8 +24,23 @@ def start_server(name: str, port: int, conns: int, pause: float = 0.0) -> str:
 
 
 def start_client(name: str, host: str, port: int, conns: int, msgs: int, pause: float = 0.0) -> None:
-    cluster.apply(traffic_pod(name, ["connect", "--host", host, "--port", str(port), "--conns", str(conns),
-                                     "--msgs", str(msgs), "--max-size", str(256 << 10), "--pause", str(pause)]))
+    """The client connects once the agent has put both pods in its local endpoint map: a connection
+    made before that (a pod's first instant, before its address reached the agent) stays on plain TCP
+    for good, by design."""
+    args = ["connect", "--host", host, "--port", str(port), "--conns", str(conns), "--msgs", str(msgs),
+            "--max-size", str(256 << 10), "--pause", str(pause)]
+    gated = ["sh", "-c", 'while [ ! -e /tmp/go ]; do sleep 0.1; done; exec python3 -m accel.lab_traffic "$@"', "sh",
+             *args]
+    doc = traffic_pod(name, [])
+    doc["spec"]["containers"][0]["command"] = gated
+    cluster.apply(doc)
+    ip = cluster.poll(lambda: cluster.get("pod", "-n", TEST_NS, name)["status"].get("podIP"), 120,
+                      f"traffic client {name} to get an address")
+    cluster.poll(lambda: {ip, host} <= cluster.local_endpoint_ips(), 60,
+                 f"the agent to map {name} ({ip}) and the server ({host}) as local endpoints")
+    cluster.poll(lambda: cluster.get("pod", "-n", TEST_NS, name)["status"].get("phase") == "Running", 120,
+                 f"traffic client {name} to run")
+    cluster.exec_in(name, "touch", "/tmp/go")
 
 
 def finished(name: str, timeout: float = 300) -> list[dict[str, Any]]:
