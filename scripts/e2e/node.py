@@ -7,6 +7,7 @@
                      to the uplink, or if something could not be removed
     node.py status   what runs, and the guard counters
     node.py env      shell lines that point kubectl at the node
+    node.py leftovers  anything of a node still on the host (exit 1 if so)
 
 Safety: pods live on one bridge with no masquerade; unreachable routes cover the service range and
 the pod range beyond this node; an nft table counts (and drops) anything from the pod range that would
@@ -393,7 +394,21 @@ def node_ready() -> bool:
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conds)
 
 
+# For the failure drill (tests/e2e/test_0_node_failure.py): this component gets a flag it does not know,
+# so it really fails to start.
+BREAK_ENV = "MESHACCEL_E2E_BREAK"
+
+
 def components() -> list[Component]:
+    comps = _components()
+    broken = os.environ.get(BREAK_ENV)
+    for c in comps:
+        if c.name == broken:
+            c.argv.append("--meshaccel-e2e-no-such-flag")
+    return comps
+
+
+def _components() -> list[Component]:
     b = BIN
     pki = DATA / "pki"
     sock = RUN / "containerd.sock"
@@ -789,7 +804,7 @@ def bpf_leftovers() -> list[str]:
         out.append(f"pins left in {pins}")
     p = run("bpftool", "-j", "cgroup", "show", str(cgroup2_mount()), check=False)
     with contextlib.suppress(ValueError):
-        progs = json.loads(p.stdout or "[]")
+        progs = json.loads(p.stdout.strip() or "[]")  # nothing at all for an empty cgroup
         if progs:
             out.append(f"programs attached at {cgroup2_mount()}: {', '.join(str(x.get('name')) for x in progs)}")
     return out
@@ -863,6 +878,46 @@ def down_all(st: State | None, quiet: bool = False) -> list[str]:
     return problems
 
 
+def leftovers() -> list[str]:
+    """Every trace a node could leave on the host, looked for from scratch (no recorded state needed)."""
+    out = []
+    if STATE.exists():
+        out.append(f"state file {STATE}")
+    ours = (str(BIN.resolve()) if BIN.exists() else str(BIN), str(RUN / "containerd.sock"))
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or d.name == str(os.getpid()):
+            continue
+        try:
+            argv = (d / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            exe = os.readlink(d / "exe")
+        except OSError:
+            continue
+        if exe.startswith(ours[0]) or any(ours[1] in a or str(RUN / "containerd.toml") in a for a in argv):
+            out.append(f"process {d.name} {' '.join(argv)[:120]}")
+    roots = (str(DATA), str(RUN), str(CONTAINERD_ROOT))
+    out += [f"mount {p}" for p, _, _, _ in mounts() if p.startswith(roots)]
+    out += [f"link {n}" for n in (BRIDGE, NODE_LINK) if Path(f"/sys/class/net/{n}").exists()]
+    routes = run("ip", "route", "show", "type", "unreachable", check=False).stdout
+    out += [f"route unreachable {c}" for c in (SERVICE_CIDR, CLUSTER_POD_CIDR) if c in routes]
+    if run("nft", "list", "table", "inet", NFT_TABLE, check=False).returncode == 0:
+        out.append(f"nft table inet {NFT_TABLE}")
+    out += [f"netns {p}" for p in Path("/run/netns").glob("cni-*")]
+    out += [f"cgroup {r / 'kubepods'}" for r in [*cgroup_v1_mounts(), cgroup2_mount()] if (r / "kubepods").exists()]
+    for key, chains in iptables_chains().items():
+        out += [f"{key} chain {c}" for c in chains if c.startswith(("KUBE-", "CNI-"))]
+    out += bpf_leftovers()
+    return out
+
+
+def check(args: argparse.Namespace) -> int:
+    left = leftovers()
+    for item in left:
+        print(f"left behind: {item}")
+    if not left:
+        print("nothing of the e2e node is left on this host")
+    return 1 if left else 0
+
+
 def down(args: argparse.Namespace) -> int:
     st = State.load()
     if st is None and not args.force:
@@ -904,6 +959,8 @@ def main(argv: list[str]) -> int:
     d.set_defaults(func=down)
     sub.add_parser("status").set_defaults(func=status)
     sub.add_parser("env").set_defaults(func=env)
+    sub.add_parser("leftovers", help="list anything of a node left on the host; exit 1 if there is").set_defaults(
+        func=check)
     args = ap.parse_args(argv)
     try:
         with locked():

@@ -1,7 +1,7 @@
 """Driving the e2e node: kubectl, the Python client, pods to run commands in, host-side BPF checks.
 
-The node itself is started by `scripts/e2e/node.py up` (through `make e2e`), which exports where its
-kubeconfig and binaries are; nothing here starts or stops Kubernetes.
+The node is `scripts/e2e/node.py` (started and stopped by the `node` fixture); its fixed addresses and
+paths are repeated here, overridable by the environment.
 """
 
 from __future__ import annotations
@@ -31,6 +31,15 @@ TEST_NS = "e2e"
 APP_IMAGE = "localhost/meshaccel-e2e-app:1"  # busybox: httpd, nc, wget
 MESHACCEL_IMAGE = "meshaccel:0.1.0"  # python3 and accel.lab_traffic for self-checking streams
 PIN_ROOT = Path("/sys/fs/bpf/meshaccel")
+NODE_PY = REPO / "scripts" / "e2e" / "node.py"
+
+
+def node_py(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """scripts/e2e/node.py with this interpreter (it needs `cryptography` from the venv)."""
+    import sys
+
+    return subprocess.run([sys.executable, str(NODE_PY), *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
 
 
 def kubectl(*args: str, input: str | None = None, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -120,7 +129,9 @@ def cgroup2_root() -> Path:
 def root_attachments() -> list[dict[str, Any]]:
     """Programs attached at the host's cgroup v2 root, as bpftool sees them (not as meshaccel says)."""
     p = subprocess.run(["bpftool", "-j", "cgroup", "show", str(cgroup2_root())], capture_output=True, text=True)
-    return json.loads(p.stdout or "[]") if p.returncode == 0 else []
+    if p.returncode != 0:
+        raise AssertionError(f"bpftool cgroup show {cgroup2_root()}: {p.stderr.strip()}")
+    return list(json.loads(p.stdout.strip() or "[]"))  # bpftool prints nothing for an empty cgroup
 
 
 def map_ids() -> set[int]:

@@ -21,3 +21,18 @@ def test_uninstall_leaves_nothing_on_the_host() -> None:
     cluster.poll(lambda: not (maps & cluster.map_ids()), 30, f"maps {sorted(maps)} to be freed")
     for ns in ("meshaccel-system", "meshaccel-cleanup"):
         assert cluster.kubectl("get", "namespace", ns, check=False).returncode != 0, f"namespace {ns} is left"
+
+
+@pytest.mark.usefixtures("node")
+def test_no_packet_from_the_pod_range_headed_off_the_machine() -> None:
+    """The node's nft guard counts (and drops) anything from the pod range leaving by another interface
+    than the node's own; after the whole suite it must have seen nothing. `node.py down` checks it again."""
+    import json
+    import subprocess
+
+    p = subprocess.run(["nft", "-j", "list", "counters", "table", "inet", "mae2e_guard"], capture_output=True,
+                       text=True, check=True)
+    counters = {c["counter"]["name"]: c["counter"]["packets"] for c in json.loads(p.stdout)["nftables"]
+                if "counter" in c}
+    assert set(counters) == {"pod_to_uplink", "pod_elsewhere"}, counters
+    assert counters == {"pod_to_uplink": 0, "pod_elsewhere": 0}, counters
