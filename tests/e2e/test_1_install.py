@@ -24,6 +24,9 @@ def test_ca_and_agent_are_ready() -> None:
     assert "BEGIN CERTIFICATE" in root
     status = cluster.agent_http("/status")
     assert status["ready"] and status["source"] == "kube" and status["node"] == NODE, status
+    # The CA follows only what its RBAC lets it read: no 403 from the API server in its log.
+    ca_log = cluster.kubectl("logs", "-n", SYSTEM_NS, "deployment/meshaccel-ca", "-c", "ca").stdout
+    assert "forbidden" not in ca_log.lower(), ca_log[-2000:]
 
 
 def test_accel_status_in_the_agent_pod_shows_programs_at_the_real_cgroup_root() -> None:

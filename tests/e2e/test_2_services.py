@@ -78,3 +78,25 @@ def test_scale_to_zero_is_refused_at_once_and_back_is_served(web: str) -> None:
     r = cluster.poll(lambda: (lambda x: x if x.returncode == 0 else None)(cluster.http_get("client", f"http://{web}/")),
                      60, f"http://{web}/ to be served again")
     assert r.stdout.strip().startswith("web-")
+
+
+def test_an_excluded_pod_keeps_the_service_address(web: str) -> None:
+    """meshaccel.io/exclude: the agent finds the pod's network namespace through the kubelet's pod
+    cgroup (hostPID) and leaves its connects alone; with no kube-proxy the VIP then leads nowhere."""
+    ns = "e2e-excluded"
+    kubectl("create", "namespace", ns)
+    kubectl("label", "namespace", ns, "meshaccel.io/exclude=true")
+    try:
+        cluster.apply(cluster.client_pod("excluded") | {"metadata": {"name": "excluded", "namespace": ns}})
+        kubectl("wait", "-n", ns, "--for=condition=Ready", "pod/excluded", "--timeout=120s", timeout=150)
+        before = cluster.agent_counters()["lb_skipped"]
+
+        def skipped() -> str | None:
+            r = cluster.exec_in("excluded", "sh", "-c", f"nc -w 3 {web} 80 </dev/null", ns=ns, check=False)
+            return r.stderr if r.returncode != 0 and cluster.agent_counters()["lb_skipped"] > before else None
+
+        err = cluster.poll(skipped, 60, "the excluded pod's connect to keep the VIP")
+        assert "no route to host" in err.lower(), err  # the unreachable service route: nothing leaves
+        assert cluster.http_get("client", f"http://{web}/").returncode == 0  # others are still served
+    finally:
+        kubectl("delete", "namespace", ns, "--wait=false")

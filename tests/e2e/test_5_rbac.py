@@ -85,5 +85,14 @@ def test_ca_refuses_a_token_of_another_account() -> None:
         # The control: the agent's own account, bound to the agent pod, gets the identity of a pod on its node.
         granted = _sign_with(_token("meshaccel-agent", SYSTEM_NS, cluster.agent_pod()))
         assert granted.startswith("signed:"), granted
+        # And the agent itself, with the token the kubelet projects into its pod, got that identity's
+        # certificate from the CA (found through the service variables, no DNS).
+        want = f"spiffe://cluster.local/ns/{TEST_NS}/sa/default"
+
+        def agent_has_cert() -> dict | None:
+            certs = cluster.agent_http("/status")["certs"]["certificates"]
+            return next((c for c in certs if c["spiffe_id"] == want and c["serial"] and not c["failures"]), None)
+
+        cluster.poll(agent_has_cert, 60, f"the agent to hold a certificate for {want}")
     finally:
         kubectl("delete", "-n", TEST_NS, "pod/rbac-client", "--wait=false", "--ignore-not-found")
