@@ -25,6 +25,16 @@ MESHACCEL_IMAGE=docker.io/library/meshaccel:0.1.0
 BASE_IMAGE=docker.io/library/debian:bookworm-slim
 export PAUSE_IMAGE APP_IMAGE MESHACCEL_IMAGE
 
+# Whatever happens, leave no working container and no mount behind: containers/storage bind-mounts
+# its overlay folder onto itself while in use, and a failed step leaves its container mounted.
+release_storage() {
+  "${BUILDAH[@]}" rm --all >/dev/null 2>&1 || true
+  local overlay="$E2E_CACHE/buildah/root/overlay"
+  grep -F " $overlay/" /proc/self/mountinfo | awk '{print $5}' | xargs -r -n1 umount 2>/dev/null || true
+  if grep -qF " $overlay " /proc/self/mountinfo; then umount "$overlay" 2>/dev/null || true; fi
+}
+trap release_storage EXIT
+
 stamp_ok() { [ -f "$1" ] && [ -f "$2" ] && [ "$(cat "$2")" = "$3" ]; }
 
 # archive NAME IMAGE: docker-archive tar that `ctr images import` reads with the image's name.
@@ -104,7 +114,7 @@ context_key=$(cd "$repo" && { sha256sum deploy/Dockerfile pyproject.toml README.
   | sha256sum | cut -c1-16)
 if ! stamp_ok "$images/meshaccel.tar" "$images/meshaccel.key" "$context_key"; then
   log "meshaccel image from deploy/Dockerfile"
-  (cd "$repo" && "${BUILDAH[@]}" bud --layers --pull=false --network host -q -f deploy/Dockerfile \
+  (cd "$repo" && "${BUILDAH[@]}" bud --layers --force-rm --pull=false --network host -q -f deploy/Dockerfile \
       -t "$MESHACCEL_IMAGE" . ) >/dev/null
   archive meshaccel "$MESHACCEL_IMAGE"
   echo "$context_key" > "$images/meshaccel.key"

@@ -894,7 +894,7 @@ def leftovers() -> list[str]:
             continue
         if exe.startswith(ours[0]) or any(ours[1] in a or str(RUN / "containerd.toml") in a for a in argv):
             out.append(f"process {d.name} {' '.join(argv)[:120]}")
-    roots = (str(DATA), str(RUN), str(CONTAINERD_ROOT))
+    roots = (str(DATA), str(RUN), str(CACHE))  # the cache: containerd's root and buildah's storage
     out += [f"mount {p}" for p, _, _, _ in mounts() if p.startswith(roots)]
     out += [f"link {n}" for n in (BRIDGE, NODE_LINK) if Path(f"/sys/class/net/{n}").exists()]
     routes = run("ip", "route", "show", "type", "unreachable", check=False).stdout
