@@ -36,3 +36,18 @@ def test_no_packet_from_the_pod_range_headed_off_the_machine() -> None:
                 if "counter" in c}
     assert set(counters) == {"pod_to_uplink", "pod_elsewhere"}, counters
     assert counters == {"pod_to_uplink": 0, "pod_elsewhere": 0}, counters
+
+
+@pytest.mark.usefixtures("node")
+def test_kernel_settings_the_node_changed_are_known_for_restoring() -> None:
+    """The kubelet (protectKernelDefaults: false) and the CNI bridge change kernel settings; the node
+    recorded their values from before it started, and `node.py down` (the `node` fixture's teardown)
+    writes them back and fails if one does not take."""
+    import json
+    from pathlib import Path
+
+    before = json.loads(Path("/run/meshaccel-e2e/state.json").read_text())["sysctls"]
+    now = {k: Path("/proc/sys", k).read_text().strip() for k in before}
+    changed = {k: (before[k], now[k]) for k in before if before[k] != now[k]}
+    # So the restore at the end is really exercised (e.g. kernel.panic, vm.overcommit_memory, ip_forward).
+    assert changed, f"nothing recorded was changed: {now}"
