@@ -154,10 +154,13 @@ class LabAgent:
     """The agent (and optionally Envoy) of one lab node. `up()` / `down()`, or a context manager."""
 
     def __init__(self, lab: Lab, envoy: bool = False, certs: bool = False, mtls: MtlsMode | None = None,
-                 cert_ttl: int = 86400, node: str = "node1", ca_serve: bool = False) -> None:
+                 cert_ttl: int = 86400, node: str = "node1", ca_serve: bool = False,
+                 kubeconfig: Path | None = None) -> None:
         """`certs`: each agent signs its pods' SVIDs with the lab CA in-process (--ca-dir), or with
-        `ca_serve` asks `accel ca serve` (run by node1) over the CSR API with a node credential."""
+        `ca_serve` asks `accel ca serve` (run by node1) over the CSR API with a node credential.
+        `kubeconfig`: watch that API server (e.g. accel.kubefake's) instead of the manifest folder."""
         self.lab = lab
+        self.kubeconfig = kubeconfig
         self.ca_serve = ca_serve
         self.lab_node = lab.node(node)
         self.envoy = envoy
@@ -270,7 +273,8 @@ class LabAgent:
         """Start (or, after `kill("agent")`, restart) this node's agent and wait until it has synced."""
         n = self.lab_node
         argv = [sys.executable, "-m", "accel.cli", "agent", "--node", self.node,
-                "--source", f"manifests:{self.manifests}", "--state-dir", str(self.dir / "state"),
+                *(["--source", "kube", "--kubeconfig", str(self.kubeconfig)] if self.kubeconfig
+                  else ["--source", f"manifests:{self.manifests}"]), "--state-dir", str(self.dir / "state"),
                 "--listen", "127.0.0.1:0", "--xds-listen", f"unix:{self.xds_socket}",
                 "--l7-bind", n.ipv4, "--node-address", n.ipv4, "--node-address", n.ipv6,
                 "--cert-status-file", str(self.dir / "certs.json"), "--envoy-access-log", str(self.access_log),

@@ -172,7 +172,7 @@ class PolicyEnforcer:
     # --- reading it -----------------------------------------------------------------------------
     def rule_name(self, index: int) -> str:
         with self.lock:
-            info = self.compiler.compiled().rules.get(index)
+            info = self.compiler.rule(index)  # per denied flow: no copy of the tables
         return str(info.ref) if info is not None else f"rule {index}"
 
     def rbac(self, subject: int) -> InboundRbac:

@@ -8,13 +8,16 @@ Sections (each prints its baseline, candidate and ratio = candidate / baseline; 
   ChangeSet (the subjects it touches, and the entry diff in write order). p50/p99 over --changes
   changes; the same for a pod of a new identity appearing (a new peer of many subjects); also the
   entries in force, per policy and per local subject, and the map writes per change.
-Kernel sections (connect latency with 0 and with N policies, policy event -> enforcement, revocation
-of 1,000 connections) plug into SECTIONS the same way: a function (args, progress) -> SectionResult.
+- connect, enforce, revoke: the kernel, on one lab node with the real agent (bench/_policy_kernel.py):
+  connect() latency without and with the cluster's policies in the maps; policy event (the API
+  server's write) -> the client's first EACCES; closing 1,000 connections by revocation vs by the
+  application itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import time
@@ -28,6 +31,7 @@ from accel.policy.types import PolicyDiff
 from accel.state.model import ChangeSet, Event, EventType, Kind, Record
 from accel.state.parse import parse_object
 from accel.state.store import ClusterState
+from bench._policy_kernel import PolicyNode, section_connect, section_enforce, section_revoke
 from bench.common import median, percentile, report
 
 NODE = "node-0"
@@ -41,7 +45,6 @@ class SectionResult:
 
 
 Progress = Callable[[str], None]
-Section = Callable[[argparse.Namespace, Progress], SectionResult]
 
 
 # --- a synthetic cluster --------------------------------------------------------------------------
@@ -220,7 +223,8 @@ def section_compile(args: argparse.Namespace, progress: Progress) -> SectionResu
     })
 
 
-SECTIONS: dict[str, Section] = {"compile": section_compile}
+KERNEL_SECTIONS = {"connect": section_connect, "enforce": section_enforce, "revoke": section_revoke}
+SECTIONS = ["compile", *KERNEL_SECTIONS]
 
 
 def main(argv: list[str]) -> int:
@@ -232,6 +236,13 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--nodes", type=int, default=50, help="pods are spread over this many nodes; node-0 is measured")
     ap.add_argument("--changes", type=int, default=200, help="policy changes measured (incremental)")
     ap.add_argument("--full-runs", type=int, default=5, help="full recompiles measured (baseline)")
+    ap.add_argument("--rounds", type=int, default=2, help="kernel sections: rounds of baseline then candidate")
+    ap.add_argument("--batches", type=int, default=10, help="connect: batches per mode and round")
+    ap.add_argument("--connects", type=int, default=1000, help="connect: connections per batch")
+    ap.add_argument("--enforcements", type=int, default=100, help="enforce: DENY writes (and deletions) timed")
+    ap.add_argument("--revoke", type=int, default=1000, help="revoke: connections held, then closed")
+    ap.add_argument("--cpu", type=int, default=min(os.sched_getaffinity(0)),
+                    help="kernel sections: the CPU the client and server are pinned to")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     chosen = [s for s in args.sections.split(",") if s]
@@ -239,9 +250,9 @@ def main(argv: list[str]) -> int:
     if unknown:
         print(f"bench policy: unknown section {unknown[0]!r}; choose from {', '.join(SECTIONS)}", file=sys.stderr)
         return 2
-    if min(args.policies, args.pods, args.namespaces, args.nodes, args.changes, args.full_runs) < 1:
-        print("bench policy: --policies, --pods, --namespaces, --nodes, --changes and --full-runs must be >= 1",
-              file=sys.stderr)
+    if min(args.policies, args.pods, args.namespaces, args.nodes, args.changes, args.full_runs, args.rounds,
+           args.batches, args.connects, args.enforcements, args.revoke) < 1:
+        print("bench policy: every count (--policies ... --revoke) must be >= 1", file=sys.stderr)
         return 2
 
     def progress(msg: str) -> None:
@@ -251,8 +262,15 @@ def main(argv: list[str]) -> int:
     baseline: dict[str, float] = {}
     candidate: dict[str, float] = {}
     extra: dict[str, Any] = {}
-    for name in chosen:
-        res = SECTIONS[name](args, progress)
+    results: dict[str, SectionResult] = {}
+    if "compile" in chosen:
+        results["compile"] = section_compile(args, progress)
+    kernel = [s for s in chosen if s in KERNEL_SECTIONS]
+    if kernel:
+        with PolicyNode(progress, args) as node:
+            for name in kernel:
+                results[name] = SectionResult(*KERNEL_SECTIONS[name](node, args))
+    for name, res in results.items():
         baseline.update({f"{name}_{k}": v for k, v in res.baseline.items()})
         candidate.update({f"{name}_{k}": v for k, v in res.candidate.items()})
         extra.update({f"{name}_{k}": v for k, v in res.extra.items()})

@@ -19,8 +19,8 @@ int mesh_redir(struct sk_msg_md *msg)
         return SK_PASS;
     if (REDIRECT_APPLY_BYTES)
         bpf_msg_apply_bytes(msg, REDIRECT_APPLY_BYTES);
-    __u8 *pinned = tcp_only.sk_storage_get(sk, 0, 0);
-    if (pinned)
+    /* Once a socket missed its peer it stays on TCP for good (mixing paths could reorder its stream). */
+    if (tcp_only.sk_storage_get(sk, 0, 0))
         return SK_PASS;
 
     struct sock_key peer;

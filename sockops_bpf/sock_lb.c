@@ -90,15 +90,15 @@ static __always_inline int lb_pick(struct bpf_sock_addr *ctx, struct lb_svc_key 
         }
     }
 
-    struct lb_slot_key sk = {};
-    sk.svc_id = id;
-    sk.index = bpf_get_prandom_u32() % count;
-    struct lb_addr *be = lb_slots.lookup(&sk);
+    struct lb_slot_key slot = {};
+    slot.svc_id = id;
+    slot.index = bpf_get_prandom_u32() % count;
+    struct lb_addr *be = lb_slots.lookup(&slot);
     if (!be) {
         /* The agent lowered count and deleted this slot after we read count: slot 0 goes last. */
         lb_count(LB_CNT_SLOT_MISS);
-        sk.index = 0;
-        be = lb_slots.lookup(&sk);
+        slot.index = 0;
+        be = lb_slots.lookup(&slot);
         if (!be)
             return LB_REFUSE;
     }

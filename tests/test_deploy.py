@@ -76,9 +76,14 @@ def test_istio_overlay_plugs_istio_cacerts() -> None:
 
 @pytest.mark.envoy
 def test_envoy_bootstrap_is_accepted_by_envoy(tmp_path: Path) -> None:
-    cm = next(o for o in build("standalone") if o["kind"] == "ConfigMap")
+    """The real Envoy validates the bootstrap, started with the DaemonSet's own command line."""
+    objs = build("standalone")
+    cm = next(o for o in objs if o["kind"] == "ConfigMap" and "bootstrap.yaml" in o.get("data", {}))
     boot = tmp_path / "bootstrap.yaml"
     boot.write_text(cm["data"]["bootstrap.yaml"])
-    p = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(boot), "--service-node", "node-a",
-                        "--service-cluster", "meshaccel"], capture_output=True, text=True, timeout=120)
+    ds = next(o for o in objs if o["kind"] == "DaemonSet")
+    envoy = next(c for c in ds["spec"]["template"]["spec"]["containers"] if c["name"] == "envoy")
+    args = [a.replace("$(NODE_NAME)", "node-a").replace("/etc/meshaccel/envoy/bootstrap.yaml", str(boot))
+            for a in envoy["args"]]
+    p = subprocess.run([envoy_binary(), "--mode", "validate", *args], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]

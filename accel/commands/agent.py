@@ -6,7 +6,7 @@ import argparse
 import logging
 import signal
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Collection, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from accel.agent_xds import DEFAULT_PORT_BASE
 from accel.errors import UserError
 from accel.flows import DEFAULT_CAPACITY
 from accel.sources.base import Source
-from accel.state.model import MtlsMode
+from accel.state.model import Kind, MtlsMode
 from certs.manager import CertManager
 
 log = logging.getLogger(__name__)
@@ -84,11 +84,12 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def make_source(spec: str, kubeconfig: str | None) -> Source:
+def make_source(spec: str, kubeconfig: str | None, only: Collection[Kind] | None = None) -> Source:
+    """`only`: the kinds to follow from the API (default all); a manifest folder is read whole."""
     if spec == "kube":
         from accel.sources.kube import KubeSource, load_api_client
 
-        return KubeSource(load_api_client(kubeconfig))
+        return KubeSource(load_api_client(kubeconfig), only=only)
     if spec.startswith("manifests:"):
         from accel.sources.manifests import ManifestSource
 

@@ -17,10 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from accel.errors import UserError
+from accel.state.model import Kind
 
 log = logging.getLogger(__name__)
 DEFAULT_CA_DIR = "/etc/meshaccel/ca"
 DEFAULT_STATUS = "/run/meshaccel/certs.json"
+# What the CA's authorization needs to know (which pods run where, with which service account): its RBAC
+# grants reading these and nothing else of the cluster.
+CA_KINDS = (Kind.NAMESPACE, Kind.POD)
 
 
 def register(sub: Any) -> None:
@@ -298,7 +302,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.secret is None:  # _store loaded Kubernetes credentials only for --secret
             _kube_config(args.kubeconfig)
         verifier = TokenReviewVerifier(client.AuthenticationV1Api(), args.token_service_account, args.token_audience)
-    source = make_source(args.pods, args.kubeconfig)
+    source = make_source(args.pods, args.kubeconfig, only=CA_KINDS)
     state = ClusterState(trust_domain=ca.trust_domain)
     sink = _StateSink(state)
     stop = threading.Event()

@@ -349,6 +349,10 @@ class PolicyCompiler:
         return Compiled(MappingProxyType(self.entries), MappingProxyType(self.ipcache),
                         MappingProxyType(self.rule_table.rules), problems)
 
+    def rule(self, index: int) -> RuleInfo | None:
+        """A rule of the table by its index (what a kernel deny names), without building `compiled()`."""
+        return self.rule_table.rules.get(index)
+
     @property
     def subjects(self) -> frozenset[int]:
         return frozenset(self._local)

@@ -14,7 +14,7 @@ import logging
 import os
 import random
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import orjson
@@ -65,8 +65,12 @@ class KubeSource:
         backoff_max: float = 10.0,
         request_timeout: float = 30.0,
         page_size: int = 500,
+        only: Collection[Kind] | None = None,
     ) -> None:
         self.api = api_client
+        # A reader that needs a few kinds (the CA: pods and namespaces) watches only those: it has RBAC
+        # for nothing else, and a kind it may not list would keep its first sync from ever completing.
+        self.only = frozenset(only) if only is not None else None
         self.watch_timeout = watch_timeout
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
@@ -134,6 +138,8 @@ class KubeSource:
                 out = []
                 present: dict[str, bool] = {}
                 for r in RESOURCES:
+                    if self.only is not None and r.kind not in self.only:
+                        continue
                     if r.crd:
                         if r.group_version not in present:
                             present[r.group_version] = self._group_exists(r.group_version)
