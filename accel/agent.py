@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -38,6 +38,7 @@ from accel.policy_agent import DenyCounters, PolicyEnforcer, PolicyExplainer, Po
 from accel.reconcile import LocalEndpointsReconciler, on_node
 from accel.servicelb import LbTables, ServiceLBReconciler
 from accel.sources.base import Source
+from accel.splice_guard import SpliceGuard
 from accel.state.identity import DEFAULT_TRUST_DOMAIN
 from accel.state.model import ChangeSet, Event, Kind, MtlsMode, ObjectKey, Pod, Workload
 from accel.state.store import ClusterState
@@ -75,6 +76,7 @@ class AgentConfig:
     istio_root_namespace: str = "istio-system"  # AuthorizationPolicies and PeerAuthentications here apply mesh-wide
     flows_kept: int = DEFAULT_CAPACITY  # the last N flows served by /flows (accel observe)
     als_listen: str | None = None  # "HOST:PORT" or "unix:PATH": Envoy's access log service; None: off
+    splice_guard_pages: int | None = None  # TCP memory above which spliced senders move to TCP (None: default)
 
 
 class _QueueSink:
@@ -101,8 +103,9 @@ class Agent:
                  reconciler: type[LocalEndpointsReconciler] = LocalEndpointsReconciler,
                  cert_manager: CertManager | None = None, lb_tables: LbTables | None = None,
                  mesh_tables: MeshTables | None = None, policy_tables: PolicyTables | None = None,
-                 flow_events: Path | None = None) -> None:
-        """`flow_events`: the pin folder whose eBPF flow events the agent reads (None: no kernel flows)."""
+                 flow_events: Path | None = None, splice_guard: Callable[[bool], None] | None = None) -> None:
+        """`flow_events`: the pin folder whose eBPF flow events the agent reads (None: no kernel flows);
+        `splice_guard`: raises and lowers the kernel's splice guard (accel/splice_guard.py; None: no guard)."""
         self.config = config
         self.source = source
         self.metrics = Metrics()
@@ -181,6 +184,9 @@ class Agent:
                                    getattr(mesh_tables, "orig_dst", None), config.node_addresses,
                                    self._served_pods, self.metrics)
             self.policy.on_revoke = self.revoker.wake
+        # Spliced bytes have no flow control in the kernel: keep them from filling the node's TCP memory.
+        self.splice_guard = (SpliceGuard(splice_guard, self.metrics.registry, config.splice_guard_pages)
+                             if splice_guard is not None else None)
         self._queue: queue.SimpleQueue[tuple[object, float]] = queue.SimpleQueue()
         self._stop = threading.Event()
         self.ready = threading.Event()
@@ -207,6 +213,8 @@ class Agent:
             self.events.start()
         if self.revoker is not None:
             self.revoker.start()
+        if self.splice_guard is not None:
+            self.splice_guard.start()
         if self.xds is not None and self.config.xds_listen is not None:
             self.xds.start(self.config.xds_listen)
         self._spawn("source", lambda: self.source.run(sink, self._stop))
@@ -237,6 +245,8 @@ class Agent:
             self.certs.manager.stop()
         if self.revoker is not None:
             self.revoker.stop()
+        if self.splice_guard is not None:
+            self.splice_guard.stop()
         if self.events is not None:
             self.events.stop()
         log.info("event=agent_stopped node=%s", self.config.node)
@@ -259,7 +269,7 @@ class Agent:
 
     def healthy(self) -> bool:
         return (all(t.is_alive() for t in self._threads) and (self.xds is None or self.xds.alive())
-                and self.flows.alive())
+                and self.flows.alive() and (self.splice_guard is None or self.splice_guard.alive()))
 
     # --- problems -----------------------------------------------------------------------------
 
@@ -416,6 +426,8 @@ class Agent:
             "certs": self.certs.status() if self.certs is not None else None,
             "xds": self.xds.status() if self.xds is not None else None,
             "flows": self.flows.status(),
+            "splice_guard": {"up": self.splice_guard.up, "high_pages": self.splice_guard.high}
+            if self.splice_guard is not None else None,
         }
 
     def policy_check(self, query: dict[str, list[str]]) -> tuple[int, dict[str, Any]]:

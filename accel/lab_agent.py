@@ -155,12 +155,14 @@ class LabAgent:
 
     def __init__(self, lab: Lab, envoy: bool = False, certs: bool = False, mtls: MtlsMode | None = None,
                  cert_ttl: int = 86400, node: str = "node1", ca_serve: bool = False,
-                 kubeconfig: Path | None = None) -> None:
+                 kubeconfig: Path | None = None, agent_args: Sequence[str] = ()) -> None:
         """`certs`: each agent signs its pods' SVIDs with the lab CA in-process (--ca-dir), or with
         `ca_serve` asks `accel ca serve` (run by node1) over the CSR API with a node credential.
-        `kubeconfig`: watch that API server (e.g. accel.kubefake's) instead of the manifest folder."""
+        `kubeconfig`: watch that API server (e.g. accel.kubefake's) instead of the manifest folder;
+        `agent_args`: more `accel agent` options."""
         self.lab = lab
         self.kubeconfig = kubeconfig
+        self.agent_args = tuple(agent_args)
         self.ca_serve = ca_serve
         self.lab_node = lab.node(node)
         self.envoy = envoy
@@ -285,6 +287,7 @@ class LabAgent:
                      str(self.dir / "node-credential"), "--cert-ttl", str(self.cert_ttl)]
         elif self.certs:
             argv += ["--ca-dir", str(self.ca_dir), "--cert-ttl", str(self.cert_ttl)]
+        argv += self.agent_args
         logfile = self.dir / "agent.log"
         proc = self._spawn("agent", argv, logfile, fresh_log=True)
         found: list[str] = []
@@ -444,6 +447,11 @@ class LabCluster:
     def set_pods(self, **shape: Any) -> None:
         """Rewrite the lab's Namespaces and Pods (what the agents see of them), e.g. to change enrollment;
         `shape`: pods_manifest's keyword arguments."""
-        tmp = self.manifests / f".{PODS_FILE}.tmp"
-        tmp.write_text(pods_manifest(self.lab, **shape))
-        tmp.rename(self.manifests / PODS_FILE)  # the folder source never reads half a file
+        write_pods(self.lab, self.manifests, **shape)
+
+
+def write_pods(lab: Lab, manifests: Path, **shape: Any) -> None:
+    """The lab's Namespaces and Pods into a manifest folder, shaped by pods_manifest's keyword arguments."""
+    tmp = manifests / f".{PODS_FILE}.tmp"
+    tmp.write_text(pods_manifest(lab, **shape))
+    tmp.rename(manifests / PODS_FILE)  # the folder source never reads half a file

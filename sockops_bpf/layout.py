@@ -50,6 +50,8 @@ class Counter(IntEnum):
     REDIRECT_VERDICTS = 2
     VERDICT_BYTES = 3
     FALLBACKS = 4
+    GUARD_TO_TCP = 5
+    GUARD_NOT_SPLICED = 6
 
 
 CNT_MAX = 8
@@ -63,6 +65,7 @@ MAPS: dict[str, tuple[CType, CType]] = {
     "sock_hash": (SockKey, ct.c_int),
     "counters": (ct.c_int, ct.c_uint64),
     "tcp_only": (ct.c_int, ct.c_uint8),
+    "splice_guard": (ct.c_int, ct.c_uint32),
 }
 
 

@@ -58,6 +58,8 @@ enum counter {
     CNT_REDIRECT_VERDICTS = 2,
     CNT_VERDICT_BYTES = 3,
     CNT_FALLBACKS = 4,
+    CNT_GUARD_TO_TCP = 5,      /* spliced sockets moved to TCP for good while the splice guard was up */
+    CNT_GUARD_NOT_SPLICED = 6, /* connections not spliced because the guard was up */
     CNT_MAX = 8,
 };
 
@@ -93,6 +95,22 @@ struct tcp_only_table_t {
 __attribute__((section("maps/sk_storage:" PIN_DIR "/tcp_only")))
 struct tcp_only_table_t tcp_only = {.flags = BPF_F_NO_PREALLOC};
 BPF_ANNOTATE_KV_PAIR(tcp_only, int, __u8);
+
+/* The splice guard: 1 while the node's TCP memory is high (accel/splice_guard.py sets it).
+ * A spliced byte waits in the receiver's queue without flow control: the kernel charges it to the
+ * receiver and never makes the sender wait. A receiver that reads slower than its sender (a slow
+ * consumer; the node Envoy behind a tunnel slower than the app) lets that queue grow until the kernel's
+ * TCP memory limit, and then the sender's writes fail with ENOMEM. While the guard is up, a spliced
+ * socket that sends moves to TCP for good (TCP's window then blocks it; the receiver reads what was
+ * spliced before what came by TCP, so nothing is reordered) and no new connection is spliced. */
+BPF_TABLE_PINNED("array", int, __u32, splice_guard, 1, PIN_DIR "/splice_guard");
+
+static __always_inline int splice_guarded(void)
+{
+    int zero = 0;
+    __u32 *up = splice_guard.lookup(&zero);
+    return up && *up;
+}
 
 static __always_inline void count(int which, __u64 n)
 {

@@ -2,14 +2,15 @@
  * receive queue (BPF_F_INGRESS), skipping TCP/IP, qdisc and veth on both sides.
  *
  * The verdict is cached for the next REDIRECT_APPLY_BYTES bytes (bpf_msg_apply_bytes), so a
- * stream pays for this program once per that many bytes instead of once per sendmsg().
+ * stream pays for this program once per that many bytes instead of once per sendmsg(); small enough
+ * that a sender meets the splice guard (maps.h) within a mebibyte of it going up.
  * When the peer is not in sock_hash (not local, gone, or not yet inserted because its side of the
  * handshake is still in flight), the verdict is "pass" and the socket is marked tcp_only: once a
  * connection has sent bytes through TCP it keeps doing so, because the receiver reads redirected
  * bytes before TCP ones and mixing the two paths could reorder the stream. */
 
 #ifndef REDIRECT_APPLY_BYTES
-#define REDIRECT_APPLY_BYTES 1073741824 /* 1 GiB */
+#define REDIRECT_APPLY_BYTES 1048576 /* 1 MiB */
 #endif
 
 int mesh_redir(struct sk_msg_md *msg)
@@ -22,6 +23,14 @@ int mesh_redir(struct sk_msg_md *msg)
     /* Once a socket missed its peer it stays on TCP for good (mixing paths could reorder its stream). */
     if (tcp_only.sk_storage_get(sk, 0, 0))
         return SK_PASS;
+    if (splice_guarded()) {
+        __u8 one = 1;
+        __u8 *mark = tcp_only.sk_storage_get(sk, &one, BPF_SK_STORAGE_GET_F_CREATE);
+        if (mark)
+            *mark = 1;
+        count(CNT_GUARD_TO_TCP, 1);
+        return SK_PASS;
+    }
 
     struct sock_key peer;
     __builtin_memset(&peer, 0, sizeof(peer));

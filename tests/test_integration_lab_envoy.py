@@ -21,9 +21,10 @@ import yaml
 from accel.errors import UserError
 from accel.lab import Lab
 from accel.lab_agent import NAMESPACE, LabAgent, agent_dir, stop
+from accel.lab_certs import credential
 from accel.state.model import MtlsMode
 from tests.conftest import require
-from tests.mesh_helpers import credential, hbone
+from tests.mesh_helpers import hbone
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.lab, pytest.mark.envoy]

@@ -23,13 +23,14 @@ import yaml
 
 from accel.lab import Lab
 from accel.lab_agent import NAMESPACE, LabCluster
+from accel.lab_certs import Credential, credential
 from accel.state.model import MTLS_ANNOTATION, MtlsMode
 from certs.ca import CertificateAuthority
 from sockops_bpf import loader
 from sockops_bpf.maps import open_mesh
 from tests import waiting
 from tests.conftest import leftovers, require
-from tests.mesh_helpers import ECHO_SERVER, Credential, ask, credential, hbone
+from tests.mesh_helpers import ECHO_SERVER, ask, hbone
 
 pytestmark = [pytest.mark.lab, pytest.mark.envoy, pytest.mark.slow]
 

@@ -6,7 +6,7 @@ import argparse
 import logging
 import signal
 import sys
-from collections.abc import Collection, MutableMapping
+from collections.abc import Callable, Collection, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,9 @@ def register(sub: Any) -> None:
                         "connections to pods); repeat for IPv6. Known to the kernel as this node (HOST)")
     p.add_argument("--no-splice-loopback", dest="splice_loopback", action="store_false",
                    help="do not splice loopback connections (the legs between apps and the node Envoy)")
+    p.add_argument("--splice-guard-pages", type=int, metavar="PAGES",
+                   help="TCP memory (pages, as /proc/net/sockstat counts) above which spliced senders move to TCP "
+                        "(default: a quarter of net.ipv4.tcp_mem's low mark)")
     c = p.add_argument_group("certificates (off unless a CA is given)")
     c.add_argument("--ca-address", metavar="HOST:PORT", help="the CSR API (`accel ca serve`) to get workload SVIDs from")
     c.add_argument("--node-credential", type=Path, metavar="DIR",
@@ -109,6 +112,7 @@ class KernelMaps:
     mesh: Any = None
     policy: Any = None  # .policy (the policy map) and .ipcache (for the compiler's CIDRs)
     owners: list[Any] = field(default_factory=list)
+    splice_guard: Callable[[bool], None] | None = None  # raises/lowers the kernel's splice guard
 
 
 def open_maps(kind: str, instance: str, cgroup: Path | None) -> KernelMaps:
@@ -126,7 +130,7 @@ def open_maps(kind: str, instance: str, cgroup: Path | None) -> KernelMaps:
     mesh = maps.open_mesh(pdir)
     pol = maps.open_policy(pdir)
     return KernelMaps(pinned.local_endpoints, lb, mesh, SimpleNamespace(policy=pol.policy, ipcache=mesh.ipcache, denies=pol.denies),
-                      [pinned, lb, mesh, pol])
+                      [pinned, lb, mesh, pol], pinned.set_splice_guard)
 
 
 def load_in_child(instance: str, cgroup: Path | None) -> None:
@@ -207,6 +211,8 @@ def run(args: argparse.Namespace) -> int:
     als_listen = parse_als_listen(args.als_listen)
     if args.flows_kept < 0:
         raise UserError(f"--flows-kept {args.flows_kept} is negative; give 0 (keep none) or more")
+    if args.splice_guard_pages is not None and args.splice_guard_pages < 1:
+        raise UserError(f"--splice-guard-pages {args.splice_guard_pages} must be at least 1")
     check_l7(args)
     certs = make_cert_manager(args)
     source = make_source(args.source, args.kubeconfig)
@@ -221,10 +227,12 @@ def run(args: argparse.Namespace) -> int:
                       l7_port_base=args.l7_port_base, service_cidrs=tuple(args.service_cidr),
                       node_addresses=node_addresses, splice_loopback=args.splice_loopback and args.maps != "memory",
                       envoy_access_log=args.envoy_access_log, flows_kept=args.flows_kept,
-                      als_listen=als_listen, istio_root_namespace=args.istio_root_namespace)
+                      als_listen=als_listen, istio_root_namespace=args.istio_root_namespace,
+                      splice_guard_pages=args.splice_guard_pages)
     try:
         agent = Agent(cfg, source, km.local_endpoints, cert_manager=certs, lb_tables=km.lb, mesh_tables=km.mesh,
-                      policy_tables=km.policy, flow_events=km.mesh.pin_dir if km.mesh is not None else None)
+                      policy_tables=km.policy, flow_events=km.mesh.pin_dir if km.mesh is not None else None,
+                      splice_guard=km.splice_guard)
     except OSError as e:
         raise UserError(f"--listen {args.listen}: cannot listen ({e.strerror})") from e
     stopping = False
