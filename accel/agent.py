@@ -43,8 +43,8 @@ from accel.state.identity import DEFAULT_TRUST_DOMAIN
 from accel.state.model import ChangeSet, Event, Kind, MtlsMode, ObjectKey, Pod, Workload
 from accel.state.store import ClusterState
 from certs.manager import CertManager
+from meshxds.hbone import PortRule
 from sockops_bpf.layout import IDENTITY_HOST
-from xds.hbone import PortRule
 
 log = logging.getLogger(__name__)
 

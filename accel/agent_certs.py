@@ -18,7 +18,7 @@ from accel.state.model import ChangeSet, ObjectKey, Workload
 from certs.manager import CertManager
 from certs.signer import Signer
 from certs.spiffe import SpiffeId, SpiffeIdError
-from xds.sds import SecretMaterial
+from meshxds.sds import SecretMaterial
 
 log = logging.getLogger(__name__)
 

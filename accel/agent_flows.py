@@ -28,7 +28,7 @@ from accel.flows_kernel import KernelFlows
 from accel.flows_metrics import IstioMetrics
 from accel.flows_resolve import EndpointResolver
 from accel.state.store import ClusterState
-from xds.als import AccessLogServer
+from meshxds.als import AccessLogServer
 
 log = logging.getLogger(__name__)
 

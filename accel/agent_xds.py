@@ -45,12 +45,12 @@ from accel.state.model import (
 )
 from accel.state.store import ClusterState
 from accel.translate import L7Options, translate
-from xds import resources as R
-from xds.access_log import als_cluster, attach, http_access_log, tcp_access_log
-from xds.cache import LISTENER, SHORT_NAMES, Resources, SnapshotCache, snapshot_of
-from xds.hbone import PortRule
-from xds.sds import build_secrets
-from xds.server import XdsServer
+from meshxds import resources as R
+from meshxds.access_log import als_cluster, attach, http_access_log, tcp_access_log
+from meshxds.cache import LISTENER, SHORT_NAMES, Resources, SnapshotCache, snapshot_of
+from meshxds.hbone import PortRule
+from meshxds.sds import build_secrets
+from meshxds.server import XdsServer
 
 log = logging.getLogger(__name__)
 

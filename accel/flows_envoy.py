@@ -1,6 +1,6 @@
-"""Envoy's access log entries (from the ALS server, `xds/als.py`) as flows.
+"""Envoy's access log entries (from the ALS server, `meshxds/als.py`) as flows.
 
-What an entry is comes from the custom tags `xds/access_log.py` puts on each access log
+What an entry is comes from the custom tags `meshxds/access_log.py` puts on each access log
 (`meshaccel.path`, `.direction`, `.service`); without them an HTTP entry is an L7 request and a TCP
 entry is a tunnel when its downstream was TLS, else plain TCP.
 
@@ -32,8 +32,8 @@ from envoy.service.accesslog.v3 import als_pb2
 
 from accel.flows import Endpoint, Flow, FlowStore
 from accel.flows_resolve import EndpointResolver
-from xds.access_log import TAG_DESTINATION, TAG_PATH, TAG_SERVICE, TAG_SOURCE_IP, TAG_UPSTREAM_PEER
-from xds.als import StreamIdentity
+from meshxds.access_log import TAG_DESTINATION, TAG_PATH, TAG_SERVICE, TAG_SOURCE_IP, TAG_UPSTREAM_PEER
+from meshxds.als import StreamIdentity
 
 log = logging.getLogger(__name__)
 

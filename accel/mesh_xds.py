@@ -19,9 +19,9 @@ from envoy.config.accesslog.v3 import accesslog_pb2
 from accel.policy.rbac import InboundRbac
 from accel.policy.types import Verdict
 from accel.state.model import ObjectKey, Workload
-from xds import hbone
-from xds.cache import Resources
-from xds.sds import trust_name
+from meshxds import hbone
+from meshxds.cache import Resources
+from meshxds.sds import trust_name
 
 DELIVERY_CLUSTER = "hbone_deliver"
 

@@ -27,8 +27,8 @@ from accel.state.model import (
     attached_routes,
     service_is_l7,
 )
-from xds import resources as R
-from xds.cache import Resources
+from meshxds import resources as R
+from meshxds.cache import Resources
 
 
 def _loopback_service_port(svc: Service, port: ServicePort) -> tuple[str, int]:

@@ -228,7 +228,7 @@ def worker_als_client(address: str, n_messages: int) -> None:
     import grpc
     from envoy.service.accesslog.v3 import als_pb2
 
-    from xds.als import SERVICE
+    from meshxds.als import SERVICE
 
     msgs = als_messages(n_messages)
     with grpc.insecure_channel(address) as ch:

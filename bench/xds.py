@@ -25,8 +25,8 @@ NODE = "bench"
 
 
 def _snapshot(version: int, clusters: int) -> Any:
-    from xds import resources as R
-    from xds.cache import Snapshot
+    from meshxds import resources as R
+    from meshxds.cache import Snapshot
 
     # Cluster 0's endpoint port moves with the version: that is the one change per round.
     return Snapshot.build(
@@ -40,8 +40,8 @@ def _snapshot(version: int, clusters: int) -> Any:
 
 def _serve_child(clusters: int) -> int:
     """Child: serve ADS; stdin commands `set V` (new snapshot) and `rss`; answers on stdout."""
-    from xds.cache import SnapshotCache
-    from xds.server import XdsServer
+    from meshxds.cache import SnapshotCache
+    from meshxds.server import XdsServer
 
     cache = SnapshotCache()
     cache.set_snapshot(NODE, _snapshot(1, clusters))
@@ -99,7 +99,7 @@ async def _client(address: str, delta: bool, clusters: int, seen: dict[int, asyn
                   counters: dict[str, int], stop: asyncio.Event) -> None:
     from envoy.service.discovery.v3 import discovery_pb2
 
-    from xds.cache import ENDPOINT
+    from meshxds.cache import ENDPOINT
 
     method = "DeltaAggregatedResources" if delta else "StreamAggregatedResources"
     resp_cls = discovery_pb2.DeltaDiscoveryResponse if delta else discovery_pb2.DiscoveryResponse

@@ -278,7 +278,7 @@ def test_agent_runs_the_access_log_server_it_is_given(tmp_path: Path) -> None:
     from envoy.data.accesslog.v3 import accesslog_pb2 as al
     from envoy.service.accesslog.v3 import als_pb2
 
-    from xds.als import SERVICE
+    from meshxds.als import SERVICE
 
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "pods.yaml").write_text(MANIFESTS)

@@ -1,5 +1,5 @@
 """Envoy's access log to flows, end to end: a real Envoy (driven by our ADS server) with the access
-log config of xds/access_log.py streams to our ALS server (xds/als.py); the entries become flows
+log config of meshxds/access_log.py streams to our ALS server (meshxds/als.py); the entries become flows
 (accel/flows_envoy.py) resolved against a model whose pods live on 127.0.0.x loopback addresses.
 Every byte count is checked against what the test sent and received."""
 
@@ -36,14 +36,14 @@ from accel.flows_metrics import IstioMetrics
 from accel.state.model import Event, EventType
 from accel.state.parse import parse_object
 from accel.state.store import ClusterState
+from meshxds import access_log as AL
+from meshxds import resources as R
+from meshxds.als import SERVICE, AccessLogServer
+from meshxds.cache import Resources, SnapshotCache, snapshot_of
+from meshxds.sds import SecretMaterial, build_secrets, trust_name
+from meshxds.server import XdsServer
 from tests.envoy_helpers import free_port, issue, make_ca
 from tests.waiting import wait_until
-from xds import access_log as AL
-from xds import resources as R
-from xds.als import SERVICE, AccessLogServer
-from xds.cache import Resources, SnapshotCache, snapshot_of
-from xds.sds import SecretMaterial, build_secrets, trust_name
-from xds.server import XdsServer
 
 pytestmark = [pytest.mark.envoy]
 

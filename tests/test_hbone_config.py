@@ -11,7 +11,7 @@ import pytest
 from accel.mesh_xds import port_rules
 from accel.policy.rbac import InboundRbac, RbacPortRange
 from accel.policy.types import Verdict
-from xds.hbone import PortRule, connect_rbac, port_range_regex
+from meshxds.hbone import PortRule, connect_rbac, port_range_regex
 
 pytestmark = pytest.mark.unit
 

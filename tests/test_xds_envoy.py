@@ -24,12 +24,12 @@ from accel.envoy import Envoy, EnvoyConfig
 from accel.state.model import Endpoint, EndpointPort, EndpointSlice, HTTPRoute, Service, ServicePort
 from accel.state.parse import parse_object
 from accel.translate import L7Options, translate
+from meshxds import resources as R
+from meshxds.cache import LISTENER, SnapshotCache, snapshot_of
+from meshxds.sds import SecretMaterial, build_secrets, trust_name
+from meshxds.server import XdsServer
 from tests.envoy_helpers import Backend, backends, free_port, issue, make_ca
 from tests.waiting import wait_until
-from xds import resources as R
-from xds.cache import LISTENER, SnapshotCache, snapshot_of
-from xds.sds import SecretMaterial, build_secrets, trust_name
-from xds.server import XdsServer
 
 pytestmark = [pytest.mark.envoy]
 NS = "shop"

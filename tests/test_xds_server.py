@@ -10,10 +10,10 @@ import grpc
 import pytest
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
+from meshxds import resources as R
+from meshxds.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot, SnapshotCache
+from meshxds.server import XdsServer
 from tests.waiting import wait_until
-from xds import resources as R
-from xds.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot, SnapshotCache
-from xds.server import XdsServer
 
 pytestmark = [pytest.mark.unit]
 

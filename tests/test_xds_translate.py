@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from accel.translate import L7Options, cluster_name, listener_name, translate
+from meshxds.cache import snapshot_of
 from tests.envoy_helpers import Backend
 from tests.test_xds_envoy import front_route, service, slice_for
-from xds.cache import snapshot_of
 
 pytestmark = [pytest.mark.unit]
 

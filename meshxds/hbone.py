@@ -50,7 +50,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from google.protobuf import wrappers_pb2
 
-from xds.resources import ads, duration, pack, sds_secret_config
+from meshxds.resources import ads, duration, pack, sds_secret_config
 
 CAPTURE_PORT = 15001
 HBONE_PORT = 15008

@@ -1,5 +1,5 @@
 """gRPC Access Log Service server (envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs):
-where Envoy streams its access log entries (configured by `xds/access_log.py`).
+where Envoy streams its access log entries (configured by `meshxds/access_log.py`).
 
 It knows the protocol, not what an entry means: every message, with the identifier of its stream
 (sent by Envoy only on a stream's first message), is handed to `on_message`, which runs on the

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
-from xds.resources import tls_certificate_secret, validation_context_secret
+from meshxds.resources import tls_certificate_secret, validation_context_secret
 
 TRUST_SUFFIX = "/trust"
 

@@ -1,6 +1,6 @@
 """Envoy config that streams access logs to the agent's gRPC Access Log Service (ALS): the
 `access_log` entries for an HTTP connection manager or a TCP proxy, and the static cluster they
-name (the agent's ALS socket). The lead's listeners attach them; `xds/als.py` is the receiving end.
+name (the agent's ALS socket). The lead's listeners attach them; `meshxds/als.py` is the receiving end.
 
 Each entry carries custom tags that say what the listener is for, since an access log entry does not
 name its listener: `meshaccel.path` ("tunnel", "l7", ...), `meshaccel.direction` ("inbound",
@@ -28,7 +28,7 @@ from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.tracing.v3 import custom_tag_pb2
 
-from xds.resources import duration, pack
+from meshxds.resources import duration, pack
 
 DEFAULT_CLUSTER = "meshaccel_als"
 HTTP_LOGGER = "envoy.access_loggers.http_grpc"

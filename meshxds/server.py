@@ -29,7 +29,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge
 
-from xds.cache import (
+from meshxds.cache import (
     CLUSTER,
     ENDPOINT,
     FULL_STATE,
