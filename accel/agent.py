@@ -103,9 +103,9 @@ class Agent:
                  reconciler: type[LocalEndpointsReconciler] = LocalEndpointsReconciler,
                  cert_manager: CertManager | None = None, lb_tables: LbTables | None = None,
                  mesh_tables: MeshTables | None = None, policy_tables: PolicyTables | None = None,
-                 flow_events: Path | None = None, splice_guard: Callable[[bool], None] | None = None) -> None:
+                 flow_events: Path | None = None, splice_guard: Callable[[int], None] | None = None) -> None:
         """`flow_events`: the pin folder whose eBPF flow events the agent reads (None: no kernel flows);
-        `splice_guard`: raises and lowers the kernel's splice guard (accel/splice_guard.py; None: no guard)."""
+        `splice_guard`: sets the kernel's splice budget (accel/splice_guard.py; None: no guard)."""
         self.config = config
         self.source = source
         self.metrics = Metrics()
@@ -426,7 +426,7 @@ class Agent:
             "certs": self.certs.status() if self.certs is not None else None,
             "xds": self.xds.status() if self.xds is not None else None,
             "flows": self.flows.status(),
-            "splice_guard": {"up": self.splice_guard.up, "high_pages": self.splice_guard.high}
+            "splice_guard": {"budget_spent": self.splice_guard.up, "high_pages": self.splice_guard.high}
             if self.splice_guard is not None else None,
         }
 

@@ -32,10 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from accel.errors import UserError
+from accel.splice_guard import SpliceGuard
 from sockops_bpf import loader
 from sockops_bpf.cgroup import cgroup2_root
 from sockops_bpf.errors import BpfError
-from sockops_bpf.maps import open_pinned
+from sockops_bpf.maps import PinnedMaps, open_pinned
 
 log = logging.getLogger("meshaccel.lab")
 
@@ -114,7 +115,7 @@ class Lab:
     in turn (pod1 on node1, pod2 on node2, ...)."""
 
     def __init__(self, pods: int, lab_id: str | None = None, attach: bool = True, loopback: bool = True,
-                 nodes: int = 1, sandboxes: bool = True) -> None:
+                 nodes: int = 1, sandboxes: bool = True, guard: bool = True) -> None:
         if not isinstance(nodes, int) or not 1 <= nodes <= MAX_NODES:
             raise UserError(f"--nodes must be between 1 and {MAX_NODES} (got {nodes})")
         if not isinstance(pods, int) or pods < 1:
@@ -125,6 +126,9 @@ class Lab:
         self.attach = attach
         self.loopback = loopback
         self.sandboxes = sandboxes  # False: pods start with no process (as before their sandbox runs)
+        self.guard = guard  # run the splice guard in this process while the object lives (guard_splices)
+        self._guard: SpliceGuard | None = None
+        self._guard_maps: list[PinnedMaps] = []
         self.root_cgroup = cgroup2_root() / f"{PREFIX}lab-{self.id}"
         self.nodes = _node_layout(self.id, nodes)
         self.pods: dict[str, LabPod] = {}
@@ -273,14 +277,42 @@ class Lab:
                     maps.local_endpoints["127.0.0.1"] = 0
                     maps.local_endpoints["::1"] = 0
         self.attach = True
+        if self.guard:
+            self.guard_splices()
+
+    def guard_splices(self) -> None:
+        """Guard the lab's splices as an agent does (accel/splice_guard.py: a splice budget from the node's
+        TCP memory) for as long as this Lab object lives: tests, benchmarks, the demo. A lab agent takes over
+        (LabAgent stops this one). `accel lab up` runs none (its process exits): its agent guards, or nothing
+        does and the splice is unbounded, as before a watcher ever set the budget."""
+        if self._guard is not None:
+            return
+        maps = [open_pinned(loader.pin_dir(n.instance)) for n in self.nodes.values()]
+
+        def set_budget(budget: int) -> None:
+            for m in maps:
+                m.set_splice_budget(budget)
+        self._guard = SpliceGuard(set_budget)
+        self._guard_maps = maps
+        self._guard.start()
+
+    def stop_guard(self) -> None:
+        if self._guard is not None:
+            self._guard.stop()
+            self._guard = None
+        for m in self._guard_maps:
+            m.close()
+        self._guard_maps = []
 
     def detach_bpf(self, force: bool = True) -> int:
         """Remove the programs and pins (for tests and benchmarks: force, the lab owns every socket)."""
+        self.stop_guard()
         left = sum(loader.uninstall(n.instance, force=force, drain_seconds=2.0) for n in self.nodes.values())
         self.attach = left > 0
         return left
 
     def down(self) -> None:
+        self.stop_guard()
         _teardown(self.id)
 
     def __enter__(self) -> Lab:

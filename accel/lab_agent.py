@@ -188,6 +188,7 @@ class LabAgent:
         if not self.first and not self.manifests.is_dir():
             raise UserError(f"start the agent of node1 of lab {self.lab.id} first (it owns the manifest folder)")
         self.dir.mkdir(parents=True, mode=0o700)
+        self.lab.stop_guard()  # the agent guards the node's splices from now on
         try:
             if self.first:
                 self.manifests.mkdir(mode=0o700)

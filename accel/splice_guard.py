@@ -1,15 +1,18 @@
-"""The splice guard: spliced sockets must never fill the node's TCP memory (maps.h "splice guard").
+"""The splice guard: spliced sockets must never fill the node's TCP memory (maps.h "splice budget").
 
 The kernel queues a spliced byte at its receiver with no flow control: a receiver slower than its
 sender (a consumer that pauses; the node Envoy when the tunnel behind it is the bottleneck) lets its
 queue grow until the kernel's TCP memory reaches its pressure mark, and then spliced senders' writes
 fail with ENOMEM and every TCP socket of the node is squeezed. A BPF program cannot see how much a
 receiver has left unread, but the kernel's TCP memory is one number (/proc/net/sockstat "TCP: ... mem",
-in pages, shared by every network namespace). The guard reads it every `interval`: above `high` it raises
-the flag (a spliced socket that sends moves to TCP for good, whose window then makes it wait; no new
-connection is spliced), below `low` it lowers it. `high` defaults to a quarter of the kernel's tcp_mem low
-mark (net.ipv4.tcp_mem[0], far below the pressure mark tcp_mem[1]), `low` to half of `high`: at 5 GB/s
-one 20 ms interval adds 100 MB, which stays well under the pressure mark on any node size.
+in pages, shared by every network namespace). Every `interval` the guard sets the kernel's splice budget
+to what that memory has left under `high`: the kernel splices at most that much before the next look,
+so the memory stays under `high` however fast a sender writes and however late this thread runs (a
+starved or dead watcher stops the splicing, never the memory limit). Out of budget, senders move to TCP
+for good and nothing new is spliced. `high` defaults to half the kernel's tcp_mem low mark
+(net.ipv4.tcp_mem[0], under which the kernel does not regulate TCP memory at all; its pressure mark, where
+ENOMEM begins, is tcp_mem[1]): splicing stops well before the node's TCP memory gets tight, and stays on
+while a busy node's ordinary TCP buffers use less.
 """
 
 from __future__ import annotations
@@ -21,10 +24,13 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from sockops_bpf.errors import BpfError
+
 log = logging.getLogger(__name__)
 
 SOCKSTAT = Path("/proc/net/sockstat")
 TCP_MEM = Path("/proc/sys/net/ipv4/tcp_mem")
+PAGE = 4096  # sockstat and tcp_mem count pages of this size (SK_MEM_QUANTUM)
 
 
 def tcp_memory_pages(sockstat: Path = SOCKSTAT) -> int:
@@ -37,53 +43,57 @@ def tcp_memory_pages(sockstat: Path = SOCKSTAT) -> int:
 
 
 def default_high_pages(tcp_mem: Path = TCP_MEM) -> int:
-    return max(1, int(tcp_mem.read_text().split()[0]) // 4)
+    return max(1, int(tcp_mem.read_text().split()[0]) // 2)
 
 
 class SpliceGuard:
-    """Watches TCP memory and sets the kernel's splice guard through `set_guard(up)`; its own thread."""
+    """Sets the kernel's splice budget through `set_budget(bytes)` every `interval`; its own thread."""
 
-    def __init__(self, set_guard: Callable[[bool], None], registry: CollectorRegistry | None = None,
-                 high_pages: int | None = None, interval: float = 0.02,
+    def __init__(self, set_budget: Callable[[int], None], registry: CollectorRegistry | None = None,
+                 high_pages: int | None = None, interval: float = 0.005,
                  read_pages: Callable[[], int] = tcp_memory_pages) -> None:
-        self.set_guard = set_guard
+        self.set_budget = set_budget
         self.high = high_pages if high_pages is not None else default_high_pages()
-        self.low = self.high // 2
         self.interval = interval
         self.read_pages = read_pages
-        self.up = False
+        self.up = False  # the budget is spent: no splicing until the memory goes down
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.raised = Counter("meshaccel_splice_guard_raised", "Times the splice guard went up (TCP memory high)",
+        self.raised = Counter("meshaccel_splice_guard_raised",
+                              "Times the splice budget ran out (the node's TCP memory reached the guard's mark)",
                               registry=registry)
-        self.up_gauge = Gauge("meshaccel_splice_guard_up", "1 while the splice guard is up", registry=registry)
+        self.up_gauge = Gauge("meshaccel_splice_guard_up", "1 while the splice budget is spent", registry=registry)
         self.pages_gauge = Gauge("meshaccel_tcp_memory_pages", "The kernel's TCP memory, in pages",
                                  registry=registry)
-        self.set_guard(False)  # a guard left up by a stopped agent comes down: this one watches now
 
-    def step(self) -> bool:
-        """One look: raise or lower the guard as the memory says; whether it is up."""
+    def step(self) -> int:
+        """One look: set the budget to what the TCP memory has left under the mark; that budget."""
         pages = self.read_pages()
         self.pages_gauge.set(pages)
-        want = pages >= self.high or (self.up and pages > self.low)
-        if want != self.up:
-            self.set_guard(want)
-            self.up = want
-            self.up_gauge.set(int(want))
-            if want:
+        budget = max(0, self.high - pages) * PAGE
+        self.set_budget(budget)
+        up = budget == 0
+        if up != self.up:
+            self.up = up
+            self.up_gauge.set(int(up))
+            if up:
                 self.raised.inc()
-            log.warning("event=splice_guard state=%s tcp_memory_pages=%d high=%d low=%d", "up" if want else "down",
-                        pages, self.high, self.low)
-        return self.up
+            log.warning("event=splice_guard state=%s tcp_memory_pages=%d high=%d", "up" if up else "down",
+                        pages, self.high)
+        return budget
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             try:
                 self.step()
-            except (OSError, ValueError) as e:  # never stop watching; a failed write is retried next time
+            except (OSError, ValueError, BpfError) as e:  # never stop watching; the next look retries
                 log.error("event=splice_guard_failed error=%r", str(e))
 
     def start(self) -> None:
+        try:
+            self.step()  # a budget from the first moment (a stale one a stopped watcher left is replaced)
+        except (OSError, ValueError, BpfError) as e:
+            log.error("event=splice_guard_failed error=%r", str(e))
         self._thread = threading.Thread(target=self._loop, name="agent-splice-guard", daemon=True)
         self._thread.start()
 

@@ -55,6 +55,11 @@ class Counter(IntEnum):
 
 
 CNT_MAX = 8
+
+
+class SpliceBudget(ct.Structure):
+    """maps.h struct splice_budget: bytes that may still be spliced, and whether a watcher sets it."""
+    _fields_ = [("credit", ct.c_int64), ("guarded", ct.c_uint32), ("pad", ct.c_uint32)]
 MAX_ENDPOINTS = 65536
 MAX_SOCKETS = 131072
 
@@ -65,7 +70,7 @@ MAPS: dict[str, tuple[CType, CType]] = {
     "sock_hash": (SockKey, ct.c_int),
     "counters": (ct.c_int, ct.c_uint64),
     "tcp_only": (ct.c_int, ct.c_uint8),
-    "splice_guard": (ct.c_int, ct.c_uint32),
+    "splice_budget": (ct.c_int, SpliceBudget),
 }
 
 

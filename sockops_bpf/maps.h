@@ -58,8 +58,8 @@ enum counter {
     CNT_REDIRECT_VERDICTS = 2,
     CNT_VERDICT_BYTES = 3,
     CNT_FALLBACKS = 4,
-    CNT_GUARD_TO_TCP = 5,      /* spliced sockets moved to TCP for good while the splice guard was up */
-    CNT_GUARD_NOT_SPLICED = 6, /* connections not spliced because the guard was up */
+    CNT_GUARD_TO_TCP = 5,      /* spliced sockets moved to TCP for good: the splice budget was spent */
+    CNT_GUARD_NOT_SPLICED = 6, /* connections not spliced: the splice budget was spent */
     CNT_MAX = 8,
 };
 
@@ -96,20 +96,41 @@ __attribute__((section("maps/sk_storage:" PIN_DIR "/tcp_only")))
 struct tcp_only_table_t tcp_only = {.flags = BPF_F_NO_PREALLOC};
 BPF_ANNOTATE_KV_PAIR(tcp_only, int, __u8);
 
-/* The splice guard: 1 while the node's TCP memory is high (accel/splice_guard.py sets it).
- * A spliced byte waits in the receiver's queue without flow control: the kernel charges it to the
- * receiver and never makes the sender wait. A receiver that reads slower than its sender (a slow
- * consumer; the node Envoy behind a tunnel slower than the app) lets that queue grow until the kernel's
- * TCP memory limit, and then the sender's writes fail with ENOMEM. While the guard is up, a spliced
- * socket that sends moves to TCP for good (TCP's window then blocks it; the receiver reads what was
- * spliced before what came by TCP, so nothing is reordered) and no new connection is spliced. */
-BPF_TABLE_PINNED("array", int, __u32, splice_guard, 1, PIN_DIR "/splice_guard");
+/* The splice budget (accel/splice_guard.py). The kernel queues a spliced byte at its receiver with no
+ * flow control: it charges the receiver and never makes the sender wait. A receiver slower than its
+ * sender (a consumer that pauses; the node Envoy when the tunnel behind it is the bottleneck) lets that
+ * queue grow until the node's TCP memory reaches the kernel's pressure mark, and then the sender's writes
+ * fail with ENOMEM. So splicing spends a budget: each sk_msg verdict takes the bytes it covers, and a
+ * watcher in user space (the agent, or an in-process lab) sets it every few milliseconds to what the node's
+ * TCP memory has left under a mark. Out of budget, a spliced socket that sends moves to TCP for good (TCP's
+ * window then makes it wait; its receiver reads what was spliced before what came by TCP, so nothing is
+ * reordered) and no new connection is spliced. A watcher that stops refilling (starved, or gone) stops the
+ * splicing within one budget. `guarded` 0 (no watcher ever ran) leaves splicing unbounded. */
+struct splice_budget {
+    __s64 credit; /* bytes that may still be spliced before the watcher looks again */
+    __u32 guarded;
+    __u32 pad;
+};
+BPF_TABLE_PINNED("array", int, struct splice_budget, splice_budget, 1, PIN_DIR "/splice_budget");
 
-static __always_inline int splice_guarded(void)
+/* Take `bytes` from the budget; 0 when it is spent. */
+static __always_inline int splice_budget_take(__s64 bytes)
 {
     int zero = 0;
-    __u32 *up = splice_guard.lookup(&zero);
-    return up && *up;
+    struct splice_budget *b = splice_budget.lookup(&zero);
+    if (!b || !b->guarded)
+        return 1;
+    if (b->credit < bytes)
+        return 0;
+    __sync_fetch_and_add(&b->credit, -bytes); /* racing takers may overdraw by a verdict each: bounded */
+    return 1;
+}
+
+static __always_inline int splice_budget_spent(void)
+{
+    int zero = 0;
+    struct splice_budget *b = splice_budget.lookup(&zero);
+    return b && b->guarded && b->credit <= 0;
 }
 
 static __always_inline void count(int which, __u64 n)

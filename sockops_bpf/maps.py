@@ -49,6 +49,7 @@ from sockops_bpf.layout import (
     PolicyKeyC,
     PolicyValueC,
     SockKey,
+    SpliceBudget,
     pin_name,
 )
 
@@ -92,25 +93,25 @@ class PinnedMaps:
             self.close()
             raise BpfError(f"cannot open pinned maps in {pin_dir} ({e.strerror}); is the instance loaded?") from e
         self.local_endpoints = EndpointMap(self._fds["local_endpoints"])
-        # Absent in an instance loaded by a release before the guard: set_splice_guard() says so.
+        # Absent in an instance loaded by a release before the budget: set_splice_budget() says so.
         with contextlib.suppress(OSError):
-            self._fds["splice_guard"] = libbpf.obj_get(str(pin_dir / "splice_guard"))
+            self._fds["splice_budget"] = libbpf.obj_get(str(pin_dir / "splice_budget"))
 
     def counters(self) -> dict[str, int]:
         assert len(Counter) <= CNT_MAX
         return percpu_counters(self._fds["counters"], Counter)
 
-    def set_splice_guard(self, up: bool) -> None:
-        """Raise or lower the splice guard (maps.h): while up, senders leave the splice for TCP."""
-        fd = self._fds.get("splice_guard")
+    def set_splice_budget(self, credit: int) -> None:
+        """Set the splice budget (maps.h): `credit` bytes may be spliced until the next call."""
+        fd = self._fds.get("splice_budget")
         if fd is None:
-            raise BpfError(f"no splice_guard map in {self.pin_dir}; reload the programs (accel load)")
-        libbpf.map_update(fd, ct.c_int(0), ct.c_uint32(1 if up else 0))  # type: ignore[arg-type]
+            raise BpfError(f"no splice_budget map in {self.pin_dir}; reload the programs (accel load)")
+        libbpf.map_update(fd, ct.c_int(0), SpliceBudget(credit, 1, 0))  # type: ignore[arg-type]
 
-    def splice_guard_up(self) -> bool:
-        fd = self._fds.get("splice_guard")
-        value = ct.c_uint32(0)
-        return fd is not None and libbpf.map_lookup(fd, ct.c_int(0), value) and bool(value.value)  # type: ignore[arg-type]
+    def splice_budget(self) -> SpliceBudget | None:
+        fd = self._fds.get("splice_budget")
+        value = SpliceBudget()
+        return value if fd is not None and libbpf.map_lookup(fd, ct.c_int(0), value) else None  # type: ignore[arg-type]
 
     def socket_count(self) -> int:
         return len(self.socket_keys())

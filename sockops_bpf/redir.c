@@ -2,8 +2,8 @@
  * receive queue (BPF_F_INGRESS), skipping TCP/IP, qdisc and veth on both sides.
  *
  * The verdict is cached for the next REDIRECT_APPLY_BYTES bytes (bpf_msg_apply_bytes), so a
- * stream pays for this program once per that many bytes instead of once per sendmsg(); small enough
- * that a sender meets the splice guard (maps.h) within a mebibyte of it going up.
+ * stream pays for this program once per that many bytes instead of once per sendmsg(); each verdict
+ * takes that many bytes from the splice budget (maps.h).
  * When the peer is not in sock_hash (not local, gone, or not yet inserted because its side of the
  * handshake is still in flight), the verdict is "pass" and the socket is marked tcp_only: once a
  * connection has sent bytes through TCP it keeps doing so, because the receiver reads redirected
@@ -23,7 +23,7 @@ int mesh_redir(struct sk_msg_md *msg)
     /* Once a socket missed its peer it stays on TCP for good (mixing paths could reorder its stream). */
     if (tcp_only.sk_storage_get(sk, 0, 0))
         return SK_PASS;
-    if (splice_guarded()) {
+    if (!splice_budget_take(REDIRECT_APPLY_BYTES)) {
         __u8 one = 1;
         __u8 *mark = tcp_only.sk_storage_get(sk, &one, BPF_SK_STORAGE_GET_F_CREATE);
         if (mark)

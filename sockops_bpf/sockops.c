@@ -194,7 +194,7 @@ int mesh_sockops(struct bpf_sock_ops *skops)
     int spliced = 0;
     struct endpoint_info *src = local_endpoints.lookup(&key.src_ip);
     struct endpoint_info *dst = local_endpoints.lookup(&key.dst_ip);
-    if (src && dst && splice_guarded()) {
+    if (src && dst && splice_budget_spent()) {
         count(CNT_GUARD_NOT_SPLICED, 1);
     } else if (src && dst) {
         struct sock_key hk = {};

@@ -23,15 +23,15 @@ from tests import waiting
 from tests.conftest import leftovers, require
 
 
-def test_guard_goes_up_above_high_and_down_below_low_only() -> None:
+def test_budget_is_what_the_memory_has_left_under_the_mark() -> None:
     pages = [0]
-    writes: list[bool] = []
-    guard = SpliceGuard(writes.append, high_pages=1000, read_pages=lambda: pages[0])
-    assert writes == [False]  # whatever a stopped agent left, the new one starts from down
-    for p, up in ((10, False), (999, False), (1000, True), (700, True), (501, True), (500, False), (999, False)):
+    budgets: list[int] = []
+    guard = SpliceGuard(budgets.append, high_pages=1000, read_pages=lambda: pages[0])
+    for p, up in ((10, False), (999, False), (1000, True), (1500, True), (500, False)):
         pages[0] = p
-        assert guard.step() is up, p
-    assert writes == [False, True, False]  # written on changes only
+        guard.step()
+        assert guard.up is up, p
+    assert budgets == [990 * 4096, 4096, 0, 0, 500 * 4096]
     assert guard.raised._value.get() == 1  # type: ignore[attr-defined]
 
 
@@ -82,8 +82,10 @@ def guarded_lab() -> Iterator[tuple[Lab, LabAgent]]:
     lab = Lab(2)
     lab.up()
     try:
-        # A low mark (64 MiB) so the test moves little data; the default is a quarter of tcp_mem's low mark.
-        with LabAgent(lab, agent_args=("--splice-guard-pages", str(16384))) as agent:
+        # A mark 64 MiB above what the node's TCP sockets hold now, so the test moves little data (the default
+        # is half of tcp_mem's low mark).
+        mark = tcp_memory_pages() + 16384
+        with LabAgent(lab, agent_args=("--splice-guard-pages", str(mark))) as agent:
             yield lab, agent
     finally:
         lab.down()
@@ -113,9 +115,10 @@ def test_a_sender_whose_receiver_stops_reading_waits_instead_of_failing(guarded_
         client = lab.popen("pod1", [sys.executable, "-c", CLIENT, lab.pod("pod2").ipv4, str(size)],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert client.stdout is not None
-        # The receiver reads nothing: the guard goes up and the sender is made to wait by TCP.
+        # The receiver reads nothing: the budget runs out and the sender is made to wait by TCP.
         with open_pinned(loader.pin_dir(lab.node("node1").instance)) as maps:
             waiting.wait_until(lambda: maps.counters()["guard_to_tcp"] >= 1, 30, "the sender moved to TCP")
+            assert maps.counters()["guard_not_spliced"] == 0  # it was spliced, then moved
         time.sleep(1.0)  # deliberate: the sender has had a full second to fill memory, were it free to
         assert client.poll() is None, "the client finished while its receiver read nothing"
         server.stdin.write("read\n")
@@ -133,7 +136,7 @@ def test_a_sender_whose_receiver_stops_reading_waits_instead_of_failing(guarded_
     for _ in range(size // len(block)):
         want.update(block)
     assert got == [str(size), want.hexdigest()]  # every byte, in order: spliced first, then TCP
-    # Memory stayed near the guard's mark (64 MiB + what arrives within one 20 ms look), far from the
-    # kernel's pressure mark; other tests on the machine may add their own share.
-    assert (peak[0] - before) * 4096 < 512 << 20, (before, peak[0])
-    assert agent.status()["splice_guard"]["high_pages"] == 16384
+    # Memory stayed under the guard's mark (64 MiB; racing verdicts may overdraw by a MiB each), far from
+    # the kernel's pressure mark; other tests on the machine may add their own share.
+    assert (peak[0] - before) * 4096 < 160 << 20, (before, peak[0])
+    assert agent.status()["splice_guard"]["high_pages"] >= 16384

@@ -51,7 +51,7 @@ def register(sub: Any) -> None:
                    help="do not splice loopback connections (the legs between apps and the node Envoy)")
     p.add_argument("--splice-guard-pages", type=int, metavar="PAGES",
                    help="TCP memory (pages, as /proc/net/sockstat counts) above which spliced senders move to TCP "
-                        "(default: a quarter of net.ipv4.tcp_mem's low mark)")
+                        "(default: half of net.ipv4.tcp_mem's low mark)")
     c = p.add_argument_group("certificates (off unless a CA is given)")
     c.add_argument("--ca-address", metavar="HOST:PORT", help="the CSR API (`accel ca serve`) to get workload SVIDs from")
     c.add_argument("--node-credential", type=Path, metavar="DIR",
@@ -112,7 +112,7 @@ class KernelMaps:
     mesh: Any = None
     policy: Any = None  # .policy (the policy map) and .ipcache (for the compiler's CIDRs)
     owners: list[Any] = field(default_factory=list)
-    splice_guard: Callable[[bool], None] | None = None  # raises/lowers the kernel's splice guard
+    splice_guard: Callable[[int], None] | None = None  # sets the kernel's splice budget
 
 
 def open_maps(kind: str, instance: str, cgroup: Path | None) -> KernelMaps:
@@ -130,7 +130,7 @@ def open_maps(kind: str, instance: str, cgroup: Path | None) -> KernelMaps:
     mesh = maps.open_mesh(pdir)
     pol = maps.open_policy(pdir)
     return KernelMaps(pinned.local_endpoints, lb, mesh, SimpleNamespace(policy=pol.policy, ipcache=mesh.ipcache, denies=pol.denies),
-                      [pinned, lb, mesh, pol], pinned.set_splice_guard)
+                      [pinned, lb, mesh, pol], pinned.set_splice_budget)
 
 
 def load_in_child(instance: str, cgroup: Path | None) -> None:

@@ -69,7 +69,8 @@ def _pick(lab_id: str | None) -> Lab:
 def cmd_up(args: argparse.Namespace) -> int:
     if (args.envoy or args.certs or args.mtls) and not args.agent:
         raise UserError("--envoy, --certs and --mtls need --agent")
-    lab = Lab(args.pods, lab_id=args.id, attach=not args.no_bpf, nodes=args.nodes).up()
+    # No splice guard in this process, which exits: the lab's agents (--agent) guard the splice.
+    lab = Lab(args.pods, lab_id=args.id, attach=not args.no_bpf, nodes=args.nodes, guard=False).up()
     print(f"lab {lab.id} up: {len(lab.nodes)} node(s), {len(lab.pods)} pods, eBPF {'attached' if lab.attach else 'off'}")
     for n in lab.nodes.values():
         print(f"  {n.name}: {n.ipv4} (pods {n.subnet4}), netns={n.netns}, cgroup={n.cgroup}")
