@@ -26,7 +26,7 @@ import yaml
 from accel.lab import Lab
 from accel.lab_agent import LabCluster
 from tests import waiting
-from tests.conftest import leftovers, require
+from tests.conftest import leftovers, require_lab_with_envoy
 from tests.mesh_helpers import ask
 
 pytestmark = [pytest.mark.lab, pytest.mark.envoy, pytest.mark.slow]
@@ -107,15 +107,7 @@ class PolicyLab:
 
 @pytest.fixture(scope="module")
 def plab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PolicyLab]:
-    import os
-
-    from accel.envoy import envoy_binary
-
-    require(os.geteuid() == 0, "needs root for eBPF, cgroups and network namespaces")
-    try:
-        envoy_binary()
-    except Exception as e:  # noqa: BLE001 - any reason Envoy is missing skips (or fails in CI)
-        require(False, str(e))
+    require_lab_with_envoy()
     logs = tmp_path_factory.mktemp("policy-lab")
     lab = Lab(6, nodes=2)
     lab.up()
