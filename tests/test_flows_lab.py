@@ -295,7 +295,7 @@ def test_l7_request_through_envoy(flab: FlowLab) -> None:
     req = flows_of(url, from_port(r["sport"], "envoy"), 1, "the L7 request", "--service", "lab/web")[-1]
     assert req["path"] == "l7" and req["event"] == "close" and req["verdict"] == "forwarded", req
     assert (req["http_method"], req["http_path"], req["http_status"]) == ("POST", "/upload", 200), req
-    assert req["service"] == "lab/web", req
+    assert (req["service"], req["route"], req["response_flags"]) == ("lab/web", "default", "-"), req
     flab.assert_end(req["src"], "pod5", r["sport"])
     flab.assert_end(req["dst"], "pod6", HTTP_PORT)
     # Envoy counts header bytes as it holds them (not as sent), so the bodies are what is exact.
