@@ -1,9 +1,10 @@
 """Helpers for tests of the mesh in the lab: certificates from the lab's CA (or a stranger's), the HBONE
-test client run inside a pod, and small TCP apps."""
+test client run inside a pod, small TCP apps, and what a module's two-node lab holds."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -11,11 +12,36 @@ from pathlib import Path
 from typing import Any
 
 from accel.lab import Lab
-from accel.lab_agent import agent_dir
+from accel.lab_agent import LabAgent, LabCluster, agent_dir
 from certs.ca import CertificateAuthority
 from certs.keys import cert_pem, generate_key, key_pem
 from certs.spiffe import SpiffeId
 from certs.store import FileStore
+
+
+class ClusterLab:
+    """A lab and its control plane (an agent and Envoy per node), a folder for the servers' logs, and the
+    processes a test module started in its pods (to end with the lab)."""
+
+    def __init__(self, lab: Lab, cluster: LabCluster, logs: Path) -> None:
+        self.lab = lab
+        self.cluster = cluster
+        self.logs = logs
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def ip(self, pod: str) -> str:
+        return self.lab.pod(pod).ipv4
+
+    def agent(self, node: str) -> LabAgent:
+        return self.cluster.agents[node]
+
+    def down(self) -> None:
+        """End the processes started in the pods, then the control plane, then the lab."""
+        for p in self.procs:
+            p.kill()
+            p.wait()
+        self.cluster.down()
+        self.lab.down()
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,11 +27,12 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from accel.lab import Lab
-from accel.lab_agent import NAMESPACE, LabAgent, LabCluster
+from accel.lab_agent import NAMESPACE, LabCluster
 from accel.state.model import MTLS_ANNOTATION
 from tests import waiting
 from tests.conftest import leftovers, require_lab_with_envoy
 from tests.known_bytes import FIRST_SEND
+from tests.mesh_helpers import ClusterLab
 
 pytestmark = [pytest.mark.lab, pytest.mark.envoy, pytest.mark.slow]
 
@@ -63,19 +64,7 @@ def service(name: str, vip: str, target: int, backend: str | None, l7: bool = Fa
     return [svc, eps]
 
 
-class FlowLab:
-    def __init__(self, lab: Lab, cluster: LabCluster, logs: Path) -> None:
-        self.lab = lab
-        self.cluster = cluster
-        self.logs = logs
-        self.procs: list[subprocess.Popen[str]] = []
-
-    def ip(self, pod: str) -> str:
-        return self.lab.pod(pod).ipv4
-
-    def agent(self, node: str) -> LabAgent:
-        return self.cluster.agents[node]
-
+class FlowLab(ClusterLab):
     def start(self, pod: str, *argv: str) -> None:
         p = self.lab.popen(pod, [sys.executable, "-m", "tests.known_bytes", *argv], stdout=subprocess.PIPE, text=True)
         assert p.stdout is not None and p.stdout.readline().strip() == "listening", f"server in {pod} did not start"
@@ -215,11 +204,7 @@ def flab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlowLab]:
                            "lab/web served by node1's Envoy")
         yield fl
     finally:
-        for p in fl.procs:
-            p.kill()
-            p.wait()
-        cluster.down()
-        lab.down()
+        fl.down()
     assert leftovers(lab.id) == []
 
 
