@@ -1,6 +1,6 @@
 """`accel lab demo` (the README's first command): build a lab node, move bytes between two pods on
 the plain kernel path and then spliced by the eBPF fast path, check every byte, show the numbers and
-what is attached, and remove everything."""
+what is attached, draw the service map of the flows the agent saw, and remove everything."""
 
 from __future__ import annotations
 
@@ -9,9 +9,13 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import yaml
 
+from accel import flows_map
+from accel.commands.observe import AgentStream
+from accel.flows import Flow, flow_from_dict
 from accel.lab import Lab
 from accel.lab_agent import NAMESPACE, LabAgent
 from accel.lab_measure import iperf3_throughput, pipe_pingpong, placements, sockperf_pingpong
@@ -57,8 +61,9 @@ ECHO_NAME = ("import socket, sys\n"
              "    c, _ = s.accept(); c.sendall(sys.argv[2].encode()); c.close()\n")
 
 
-def _service_demo(lab: Lab) -> None:
-    """The real agent follows a manifest folder; a ClusterIP is translated at connect()."""
+def _service_demo(lab: Lab) -> list[Flow]:
+    """The real agent follows a manifest folder; a ClusterIP is translated at connect(). Returns the flows
+    the agent recorded."""
     _say(f"service load balancing: the agent follows a manifest folder; Service {DEMO_VIP}:80 -> pod2, pod3 :8080")
     servers = [lab.popen(n, [sys.executable, "-c", ECHO_NAME, lab.pod(n).ipv4, n]) for n in ("pod2", "pod3")]
     try:
@@ -87,13 +92,33 @@ def _service_demo(lab: Lab) -> None:
                 backend, peer = answer.split()
                 print(f"    {n:3d} connections from pod1 to {DEMO_VIP}:80 answered by {backend}"
                       f" (the app's getpeername() says {peer})")
+            return _flows_of(agent, sum(answers.values()))
     finally:
         for s in servers:
             s.kill()
             s.wait()
 
 
-def run(megabytes: int = 256) -> int:
+def _flows_of(agent: LabAgent, connections: int) -> list[Flow]:
+    """What the agent recorded, once it has the closes of `connections` (each comes a moment after its close)."""
+    deadline = time.monotonic() + 10
+    while True:
+        with AgentStream(agent.url, [("all", "1")], follow=False) as stream:
+            flows = [flow_from_dict(doc) for _, doc in stream.docs()]
+        if sum(f.event == "close" for f in flows) >= connections or time.monotonic() > deadline:
+            return flows
+        time.sleep(0.1)
+
+
+def _draw_map(flows: list[Flow], path: Path) -> None:
+    _say(f"the service map of the {len(flows)} flows the agent saw (as `accel observe --map` draws it)")
+    m = flows_map.render(flows, path, title="meshaccel lab demo")
+    for e in m.edges.values():
+        print(f"    {e.src} -> {e.dst} ({e.kind}): {e.label().splitlines()[0]}")
+    print(f"    wrote {path}")
+
+
+def run(megabytes: int = 256, map_path: Path = Path("meshaccel-demo-map.svg")) -> int:
     one_cpu, two_cpus = placements()
     where = [one_cpu, *([two_cpus] if two_cpus else [])]
     _say("the machine's wakeup floor: two processes bounce a byte through pipes (no network stack), one-way")
@@ -126,7 +151,7 @@ def run(megabytes: int = 256) -> int:
             m["throughput"] = iperf3_throughput(lab, 2.0, 1, 7200 + len(results) * 10, where[-1])
             results[mode] = m
             print(f"    throughput {m['throughput'] * 8 / 1e9:.2f} Gbit/s")
-        _service_demo(lab)
+        flows = _service_demo(lab)
         _say("what is attached (accel status)")
         d = describe(lab.instance)
         for a in d["attachments"]:
@@ -140,5 +165,6 @@ def run(megabytes: int = 256) -> int:
                         for c in where)
         _say(f"result: latency p50 {latency}, "
              f"throughput x{acc['throughput'] / base['throughput']:.2f} (accelerated / plain); all bytes verified")
+        _draw_map(flows, map_path)
         _say("removing the lab: namespaces, cgroups, attachments and pins")
     return 0

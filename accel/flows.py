@@ -83,6 +83,12 @@ class Flow:
     response_flags: str = ""  # Envoy's, e.g. "UF", "URX", "-"
 
 
+def into_l7_proxy(flow: Flow) -> bool:
+    """A kernel flow of a connection into the node Envoy's L7 listener. Envoy reports each of its requests
+    (with the backend it reached), so the metrics and the map count those, not this connection to the proxy."""
+    return flow.source == "kernel" and flow.path == "l7"
+
+
 # --- JSON: one flow per line, for the HTTP stream and `accel observe --output json` -------------------
 
 def _default(obj: object) -> object:

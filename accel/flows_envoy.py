@@ -262,11 +262,12 @@ class EnvoyFlows:
             method = base_pb2.RequestMethod.Name(req.request_method) if req.request_method else ""
         except ValueError:
             raise MalformedEntry(f"unknown request method {req.request_method}") from None
-        return Flow(time=end, event=event, source="envoy", proto="TCP", src=src, dst=dst, path=path,
-                    encrypted=encrypted, verdict=verdict, reason=reason, policy=policy, service=service,
-                    bytes_sent=req.request_headers_bytes + req.request_body_bytes,
-                    bytes_received=resp.response_headers_bytes + resp.response_body_bytes,
-                    duration_seconds=dur, http_method=method,
+        closed = event != "open"  # bytes and duration are a closed flow's, as for TCP entries
+        return Flow(time=end if closed else end - dur, event=event, source="envoy", proto="TCP", src=src, dst=dst,
+                    path=path, encrypted=encrypted, verdict=verdict, reason=reason, policy=policy, service=service,
+                    bytes_sent=req.request_headers_bytes + req.request_body_bytes if closed else 0,
+                    bytes_received=resp.response_headers_bytes + resp.response_body_bytes if closed else 0,
+                    duration_seconds=dur if closed else 0.0, http_method=method,
                     http_path=req.path, http_status=status, route=c.route_name, response_flags=flags)
 
     def status(self) -> dict[str, int]:

@@ -44,12 +44,24 @@ PATHS = {FLOW_PATH_TCP: "tcp", FLOW_PATH_SPLICED: "spliced", FLOW_PATH_TUNNEL: "
 REASONS = {FLOW_REASON_NO_BACKEND: "no_backend", FLOW_REASON_NO_SERVICE: "no_service", FLOW_REASON_POLICY: "policy",
            FLOW_REASON_STRICT_PLAINTEXT: "strict_plaintext"}
 PROTOS = {6: "TCP", 17: "UDP"}
+# After a poll that found events, wait this long before the next: events then come in batches instead of one
+# wakeup each (per event, the wakeup cost as much as the rest). The ring holds far more than this gathers.
+BATCH_SECONDS = 0.01
 
+_texts: dict[bytes, str] = {}
 
 
 def _addr(ip: object) -> str:
+    """An address of an event as text ("" when unset); cached: pods' addresses repeat, parsing them is a
+    third of an event's cost."""
     raw = bytes(ip.addr)  # type: ignore[attr-defined]
-    return "" if not any(raw) else str(ip.to_ip())  # type: ignore[attr-defined]
+    text = _texts.get(raw)
+    if text is None:
+        text = "" if not any(raw) else str(ip.to_ip())  # type: ignore[attr-defined]
+        if len(_texts) > 65536:  # addresses churn slowly; start over rather than grow
+            _texts.clear()
+        _texts[raw] = text
+    return text
 
 
 class KernelFlows:
@@ -109,6 +121,7 @@ class KernelFlows:
                     except Exception:  # a bug must not stop the reader; logged, the next batch goes on
                         log.exception("event=kernel_flows_failed batch=%d", len(batch))
                     self.read += len(batch)
+                    self._stop.wait(BATCH_SECONDS)
         finally:
             libbpf.ring_buffer_free(rb)
             os.close(fd)

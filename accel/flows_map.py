@@ -5,7 +5,8 @@ explained in a legend: encrypted (mTLS, solid green), plaintext (dashed grey), d
 
 Nodes are workloads ("namespace/workload"); an address the agent could not resolve stands for itself
 (its IP). A connection is counted once however many events it produced (open, close); an L7 request
-counts as a request. Every node and edge carries an SVG id (`node:<key>`, `edge:<src>-><dst>:<kind>`)
+counts as a request (the kernel's flow of the connection into Envoy is left out: Envoy's request flows draw
+that edge, to the backend reached). Every node and edge carries an SVG id (`node:<key>`, `edge:<src>-><dst>:<kind>`)
 so programs and tests can read the picture back.
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 import graphviz
 
 from accel.errors import UserError
-from accel.flows import Endpoint, Flow
+from accel.flows import Endpoint, Flow, into_l7_proxy
 
 FORMATS = ("svg", "png")
 STYLES = {
@@ -86,6 +87,8 @@ def human_bytes(n: float) -> str:
 def build(flows: Iterable[Flow]) -> ServiceMap:
     m = ServiceMap({}, {})
     for f in flows:
+        if into_l7_proxy(f):
+            continue  # Envoy's flows of its requests draw that edge, to the backend reached
         m.flows += 1
         a, b = node_key(f.src), node_key(f.dst)
         for key, ep in ((a, f.src), (b, f.dst)):

@@ -15,7 +15,8 @@ How a flow counts:
 - an L7 request (path `l7`) -> one request with its response code, no TCP counts;
 - bytes, named as Istio names them from the server's side: received = request bytes = the flow's
   `bytes_sent` (source -> destination); sent = response bytes = `bytes_received`;
-- UDP flows count nothing (Istio has no UDP metrics).
+- UDP flows count nothing (Istio has no UDP metrics); nor does the kernel's flow of a connection into
+  the node Envoy's L7 listener (Envoy's flows count its requests).
 `reporter` is each end this node hosts, as a sidecar there would report: `source` when the source
 is local, `destination` when the destination is (both for a same-node flow; `source` when neither is
 known to be local). `connection_security_policy` is `mutual_tls` when the flow was encrypted, else
@@ -30,7 +31,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-from accel.flows import Endpoint, Flow
+from accel.flows import Endpoint, Flow, into_l7_proxy
 
 UNKNOWN = "unknown"
 DEFAULT_MAX_SERIES = 20_000
@@ -169,7 +170,7 @@ class IstioMetrics:
         return out or ["source"]
 
     def observe(self, flow: Flow) -> None:
-        if flow.proto != "TCP":
+        if flow.proto != "TCP" or into_l7_proxy(flow):
             return
         for reporter in self.reporters(flow):
             key = self.labels_of(flow, reporter)

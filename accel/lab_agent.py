@@ -354,7 +354,7 @@ class LabAgent:
         return doc
 
     def tunnels(self) -> list[dict[str, Any]]:
-        """What this node's Envoy logged so far, one dict per tunnel or capture (see xds.resources.MESH_LOG_FIELDS)."""
+        """What this node's Envoy logged so far, one dict per tunnel or capture (see meshxds.resources.MESH_LOG_FIELDS)."""
         try:
             lines = self.access_log.read_text().splitlines()
         except OSError:

@@ -77,17 +77,20 @@ def translate(
             rules = [(r, rule, i) for r, p in attached if p in (None, port.port) for i, rule in enumerate(r.rules)]
             env_routes = []
             if rules:
-                for r, rule, _i in _ordered(rules):
+                for r, rule, i in _ordered(rules):
                     clusters = _backends(r, rule, by_key, problems)
                     for ns, svc_name, svc_port, _w in clusters:
                         wanted_clusters.add((ns, svc_name, svc_port))
                     action = _action(rule, [(cluster_name(ns, n, p), w) for ns, n, p, w in clusters])
                     for m in rule.matches or (HTTPRouteMatch(),):
-                        env_routes.append(_route(m, action))
+                        route = _route(m, action)
+                        route.name = f"HTTPRoute/{r.namespace}/{r.name}[{i}]"  # what a request's flow names
+                        env_routes.append(route)
             else:
                 wanted_clusters.add((svc.namespace, svc.name, port.port))
                 env_routes.append(route_components_pb2.Route(
-                    match=R.route_match(), route=R.route_action([(cluster_name(svc.namespace, svc.name, port.port), 1)])))
+                    name="default", match=R.route_match(),
+                    route=R.route_action([(cluster_name(svc.namespace, svc.name, port.port), 1)])))
             ip, lport = opts.listener_address(svc, port)
             listeners.append(R.http_listener(name, ip, lport, name))
             route_configs.append(R.route_config(name, env_routes))

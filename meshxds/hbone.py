@@ -50,6 +50,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from google.protobuf import wrappers_pb2
 
+from meshxds.access_log import tcp_proxy_log_options
 from meshxds.resources import ads, duration, pack, sds_secret_config
 
 CAPTURE_PORT = 15001
@@ -123,6 +124,8 @@ def capture_listener(name: str, netns: str, cluster: str, source_ip: str, baggag
                             for k, v in headers]),
         access_log=list(access_log),
     )
+    if access_log:  # also log when the upstream connected: the tunnel's "open" flow
+        tcp.access_log_options.CopyFrom(tcp_proxy_log_options())
     listener = listener_pb2.Listener(
         name=name,
         traffic_direction=base_pb2.OUTBOUND,
@@ -254,6 +257,8 @@ def inbound_listener(name: str, pod_ips: Sequence[str], netns: str, cert_secret:
             status_code=_u32(401))]),
         access_log=list(access_log),
     )
+    if access_log:  # also log when the CONNECT got its 200: the tunnel's "open" flow
+        hcm.access_log_options.flush_log_on_tunnel_successfully_established = True
     downstream_tls = tls_pb2.DownstreamTlsContext(
         common_tls_context=_common_tls(cert_secret, trust_secret, trust_domain),
         require_client_certificate=wrappers_pb2.BoolValue(value=True))

@@ -484,7 +484,11 @@ static __always_inline __u32 policy_verdict(__u32 subject, __u32 peer, __u8 dire
 #ifndef FLOW_EVENTS
 #define FLOW_EVENTS 1 /* 0 compiles every event out (bench observe measures their cost) */
 #endif
+#ifndef FLOW_RING_BYTES
+/* The kernel takes a ring buffer of a power of 2 times the page size only (4096 at the least); tests
+ * compile a small one to overflow it. */
 #define FLOW_RING_BYTES (4 << 20)
+#endif
 #define FLOW_OPEN 1
 #define FLOW_CLOSE 2
 #define FLOW_REFUSED 3

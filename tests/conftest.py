@@ -19,6 +19,18 @@ def require(condition: bool, reason: str) -> None:
     pytest.skip(reason)
 
 
+def require_lab_with_envoy() -> None:
+    """Root for a lab and a runnable Envoy, or skip (fail in CI) with the reason: for module-scoped labs,
+    which cannot take the `bpf_env` fixture."""
+    require(os.geteuid() == 0, "needs root for eBPF, cgroups and network namespaces")
+    from accel.envoy import envoy_binary
+
+    try:
+        envoy_binary()
+    except Exception as e:  # noqa: BLE001 - any reason Envoy is missing skips (or fails in CI)
+        require(False, str(e))
+
+
 @pytest.fixture
 def bpf_env() -> None:
     """Root, bcc and usable kernel headers, or skip/fail with the reason."""

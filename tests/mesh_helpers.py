@@ -1,15 +1,42 @@
-"""Helpers for tests of the mesh in the lab: the HBONE test client run inside a pod, and small TCP apps
-(certificates from the lab's CA are accel/lab_certs.py's)."""
+"""Helpers for tests of the mesh in the lab: the HBONE test client run inside a pod, small TCP apps, and
+what a module's two-node lab holds (certificates from the lab's CA are accel/lab_certs.py's)."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from accel.lab import Lab
+from accel.lab_agent import LabAgent, LabCluster
 from accel.lab_certs import Credential
+
+
+class ClusterLab:
+    """A lab and its control plane (an agent and Envoy per node), a folder for the servers' logs, and the
+    processes a test module started in its pods (to end with the lab)."""
+
+    def __init__(self, lab: Lab, cluster: LabCluster, logs: Path) -> None:
+        self.lab = lab
+        self.cluster = cluster
+        self.logs = logs
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def ip(self, pod: str) -> str:
+        return self.lab.pod(pod).ipv4
+
+    def agent(self, node: str) -> LabAgent:
+        return self.cluster.agents[node]
+
+    def down(self) -> None:
+        """End the processes started in the pods, then the control plane, then the lab."""
+        for p in self.procs:
+            p.kill()
+            p.wait()
+        self.cluster.down()
+        self.lab.down()
 
 
 def hbone(lab: Lab, pod: str, addr: str, cred: Credential | None, *extra: str, ca: Path | None = None,

@@ -49,6 +49,13 @@ def test_lab_up_zero_pods() -> None:
         Lab(0)
 
 
+@pytest.mark.unit
+def test_lab_demo_map_of_an_unknown_format() -> None:
+    before = lab_netns()
+    one_line_error(accel("lab", "demo", "--map", "map.jpg"), "--map map.jpg", ".svg or .png")
+    assert lab_netns() == before
+
+
 @pytest.mark.lab
 def test_unknown_pod_name(make_lab) -> None:  # type: ignore[no-untyped-def]
     lab = make_lab(2, attach=False)

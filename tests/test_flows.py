@@ -194,8 +194,10 @@ def test_istio_metrics_count_connections_bytes_and_requests_with_istios_labels()
     m.observe(flow(src=conn.src, event="close", service="shop/cart", bytes_sent=1000, bytes_received=5000,
                    duration_seconds=1.5))
     m.observe(flow(dst=at(DB, 5432), path="tunnel", encrypted=True, event="close", bytes_sent=7, bytes_received=9))
-    m.observe(flow(path="l7", http_method="GET", http_status=503, response_flags="UH", service="shop/cart",
-                   verdict="refused", reason="no_backend"))
+    m.observe(flow(path="l7", source="envoy", http_method="GET", http_status=503, response_flags="UH",
+                   service="shop/cart", verdict="refused", reason="no_backend"))
+    # The kernel's flow of the connection into Envoy's L7 listener: Envoy counts its requests, not this.
+    m.observe(flow(dst=outside("10.1.0.1", 15100), path="l7", service="shop/cart", bytes_sent=300))
     m.observe(flow(dst=at(DB, 5432), event="refused", verdict="denied", reason="policy"))
     m.observe(flow(proto="UDP", path="udp"))  # Istio has no UDP metrics
 
@@ -231,6 +233,8 @@ def test_istio_metrics_count_connections_bytes_and_requests_with_istios_labels()
     # L7: a request with its code and flags, no TCP counts.
     assert sample(m, "istio_requests_total", response_code="503", response_flags="UH", request_protocol="http",
                   reporter="destination") == 1
+    assert sample(m, "istio_requests_total") == 2  # that one, by both ends; the kernel's connection is none
+    assert sample(m, "istio_tcp_connections_closed_total", destination_service_name="cart") == 2  # the `both` one
     # Refused by policy: opened and closed at once, flag DENY (as ztunnel reports it).
     assert sample(m, "istio_tcp_connections_opened_total", response_flags="DENY", reporter="source") == 1
     assert sample(m, "istio_tcp_connections_closed_total", response_flags="DENY", reporter="source") == 1
@@ -263,7 +267,10 @@ def map_flows() -> list:  # type: ignore[type-arg]
         flow(event="close", bytes_sent=10, bytes_received=20),  # front -> cart: 2nd conn, plaintext
         flow(src=at(CART, 52000), dst=at(DB, 5432), path="tunnel", encrypted=True, bytes_sent=5, bytes_received=6),
         flow(src=at(CART, 52001), dst=at(DB, 5432), event="refused", verdict="denied", reason="policy"),
-        flow(src=outside("192.0.2.9"), dst=at(FRONT, 443), path="l7", http_status=200, http_method="GET"),
+        flow(src=outside("192.0.2.9"), dst=at(FRONT, 443), path="l7", source="envoy", http_status=200,
+             http_method="GET"),
+        # the kernel's flow into Envoy's L7 listener: Envoy's request flow above draws that edge
+        flow(src=outside("192.0.2.9"), dst=outside("10.1.0.1", 15100), path="l7"),
     ]
 
 
@@ -296,7 +303,7 @@ def test_service_map_svg_has_the_flows_nodes_and_edges(tmp_path: Path) -> None:
     assert len(set(looks.values())) == 3
     for kind, look in looks.items():
         assert stroke(groups[f"legend:{kind}"]) == look
-    assert len(m.edges) == 4 and m.flows == 6
+    assert len(m.edges) == 4 and m.flows == 6  # the kernel's flow into Envoy is not counted
 
 
 def test_service_map_png_and_bad_names(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from certs.ca import CertificateAuthority
 from sockops_bpf import loader
 from sockops_bpf.maps import open_mesh
 from tests import waiting
-from tests.conftest import leftovers, require
+from tests.conftest import leftovers, require_lab_with_envoy
 from tests.mesh_helpers import ECHO_SERVER, ask, hbone
 
 pytestmark = [pytest.mark.lab, pytest.mark.envoy, pytest.mark.slow]
@@ -84,15 +84,7 @@ class Mesh:
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    import os
-
-    from accel.envoy import envoy_binary
-
-    require(os.geteuid() == 0, "needs root for eBPF, cgroups and network namespaces")
-    try:
-        envoy_binary()
-    except Exception as e:  # noqa: BLE001 - any reason Envoy is missing skips (or fails in CI)
-        require(False, str(e))
+    require_lab_with_envoy()
     lab = Lab(8, nodes=2)
     lab.up()
     cluster = LabCluster(lab, envoy=True, certs=True, ca_serve=True)

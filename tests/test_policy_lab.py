@@ -17,7 +17,6 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,8 +25,8 @@ import yaml
 from accel.lab import Lab
 from accel.lab_agent import LabCluster
 from tests import waiting
-from tests.conftest import leftovers, require
-from tests.mesh_helpers import ask
+from tests.conftest import leftovers, require_lab_with_envoy
+from tests.mesh_helpers import ClusterLab, ask
 
 pytestmark = [pytest.mark.lab, pytest.mark.envoy, pytest.mark.slow]
 
@@ -61,16 +60,7 @@ threading.Event().wait()
 """
 
 
-class PolicyLab:
-    def __init__(self, lab: Lab, cluster: LabCluster, logs: Path) -> None:
-        self.lab = lab
-        self.cluster = cluster
-        self.logs = logs
-        self.procs: list[subprocess.Popen[str]] = []
-
-    def ip(self, pod: str) -> str:
-        return self.lab.pod(pod).ipv4
-
+class PolicyLab(ClusterLab):
     def accepted(self, pod: str) -> list[str]:
         path = self.logs / f"{pod}.log"
         return path.read_text().splitlines() if path.exists() else []
@@ -101,21 +91,10 @@ class PolicyLab:
             return last == want
         waiting.wait_until(check, timeout, f"{src} -> {dst}:{port} {want} (last: {last})")
 
-    def agent(self, node: str) -> Any:
-        return self.cluster.agents[node]
-
 
 @pytest.fixture(scope="module")
 def plab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PolicyLab]:
-    import os
-
-    from accel.envoy import envoy_binary
-
-    require(os.geteuid() == 0, "needs root for eBPF, cgroups and network namespaces")
-    try:
-        envoy_binary()
-    except Exception as e:  # noqa: BLE001 - any reason Envoy is missing skips (or fails in CI)
-        require(False, str(e))
+    require_lab_with_envoy()
     logs = tmp_path_factory.mktemp("policy-lab")
     lab = Lab(6, nodes=2)
     lab.up()
@@ -134,11 +113,7 @@ def plab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PolicyLab]:
         pl.until("pod1", "pod2", "ok")
         yield pl
     finally:
-        for p in pl.procs:
-            p.kill()
-            p.wait()
-        cluster.down()
-        lab.down()
+        pl.down()
     assert leftovers(lab.id) == []
 
 

@@ -36,6 +36,7 @@ def test_annotation_makes_a_service_l7_with_its_ready_endpoints() -> None:
     assert cla.cluster_name == cluster_name("shop", "web", 80)
     ports = [e.endpoint.address.socket_address.port_value for e in cla.endpoints[0].lb_endpoints]
     assert ports == [9001]  # the not-ready endpoint is left out
+    assert [r.name for r in res.routes[0].virtual_hosts[0].routes] == ["default"]  # what its flows name
 
 
 def test_httproute_rules_become_ordered_routes() -> None:
@@ -61,6 +62,8 @@ def test_httproute_rules_become_ordered_routes() -> None:
     assert routes[1].route.retry_policy.num_retries.value == 2
     assert list(routes[1].route.retry_policy.retriable_status_codes) == [503]
     assert routes[2].match.prefix == "/"
+    # Each route is named after its rule: what an L7 request's flow says as its route.
+    assert [r.name for r in routes] == [f"HTTPRoute/shop/{route.name}[{i}]" for i in (2, 1, 0)]
     assert {c.name for c in res.clusters} == {cluster_name("shop", "v1", 80), cluster_name("shop", "v2", 80)}
     # Same model, same snapshot version; a change, a new one.
     assert snapshot_of(res).version == snapshot_of(translate([service("front"), service("v1"), service("v2")],

@@ -6,6 +6,7 @@ import argparse
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from accel import lab_agent
 from accel.errors import UserError
@@ -46,13 +47,18 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     demo = lab.add_parser("demo", help="build a lab, move bytes plain and accelerated, show the result")
     demo.add_argument("--megabytes", type=int, default=64, help="about this much each way in the byte check")
+    demo.add_argument("--map", type=Path, default=Path("meshaccel-demo-map.svg"), metavar="FILE.svg|FILE.png",
+                      help="where the service map of the demo's flows goes (default: %(default)s)")
     demo.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from accel.demo import run
+    from accel.flows_map import FORMATS
 
-    return run(args.megabytes)
+    if args.map.suffix.lower().lstrip(".") not in FORMATS:
+        raise UserError(f"--map {args.map}: name the file .svg or .png (the format follows the suffix)")
+    return run(args.megabytes, args.map.resolve())
 
 
 def _pick(lab_id: str | None) -> Lab:
