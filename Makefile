@@ -12,7 +12,7 @@ demo: setup
 	$(VENV)/bin/accel lab demo
 
 lint: setup
-	$(VENV)/bin/ruff check accel sockops_bpf xds certs bench tests
+	$(VENV)/bin/ruff check accel sockops_bpf meshxds certs bench tests
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 

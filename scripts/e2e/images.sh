@@ -110,7 +110,7 @@ fi
 
 # --- meshaccel, from deploy/Dockerfile ------------------------------------------------------------
 context_key=$(cd "$repo" && { sha256sum deploy/Dockerfile pyproject.toml README.md;
-  find accel sockops_bpf xds certs bench -type f ! -name '*.pyc' ! -path '*/__pycache__/*' -print0 | sort -z | xargs -0 sha256sum; } \
+  find accel sockops_bpf meshxds certs bench -type f ! -name '*.pyc' ! -path '*/__pycache__/*' -print0 | sort -z | xargs -0 sha256sum; } \
   | sha256sum | cut -c1-16)
 if ! stamp_ok "$images/meshaccel.tar" "$images/meshaccel.key" "$context_key"; then
   log "meshaccel image from deploy/Dockerfile"
