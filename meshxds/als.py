@@ -12,7 +12,6 @@ then buffers and drops on its side), messages capped at `max_message_bytes`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -21,6 +20,8 @@ from dataclasses import dataclass
 import grpc
 from envoy.service.accesslog.v3 import als_pb2
 from google.protobuf.message import DecodeError
+
+from meshxds.grpc_thread import GrpcThread
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +59,8 @@ class AccessLogServer:
     def __init__(self, on_message: OnMessage, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
         self.on_message = on_message
         self.max_message_bytes = max_message_bytes
-        self.address = ""
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping: asyncio.Event | None = None
-        self._grace = 1.0
+        self._grpc = GrpcThread("als-server", "access log server", self._add_handlers,
+                                [("grpc.max_receive_message_length", max_message_bytes)])
         self._lock = threading.Lock()
         self._next_id = 0
         self._streams = 0
@@ -73,58 +71,24 @@ class AccessLogServer:
         self._handler_errors = 0
 
     # -- lifecycle -----------------------------------------------------------------------------
+    @property
+    def address(self) -> str:
+        return self._grpc.address
+
     def start(self, address: str = "127.0.0.1:0") -> str:
-        ready = threading.Event()
-        errors: list[BaseException] = []
+        return self._grpc.start(address)
 
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            try:
-                loop.run_until_complete(self._serve(address, ready))
-            except BaseException as e:  # reported to start()
-                errors.append(e)
-                ready.set()
-            finally:
-                loop.close()
-
-        self._thread = threading.Thread(target=run, name="als-server", daemon=True)
-        self._thread.start()
-        ready.wait(30)
-        if errors:
-            raise RuntimeError(f"access log server could not start on {address}: {errors[0]}")
-        return self.address
-
-    async def _serve(self, address: str, ready: threading.Event) -> None:
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", self.max_message_bytes)])
+    def _add_handlers(self, server: grpc.aio.Server) -> None:
         handler = grpc.stream_unary_rpc_method_handler(
             self._stream, request_deserializer=None, response_serializer=_serialize)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
             "StreamAccessLogs": handler}),))
-        port = server.add_insecure_port(address)
-        if address.startswith("unix:"):
-            self.address = address
-        else:
-            if port == 0:
-                raise RuntimeError("bind failed")
-            self.address = f"{address.rsplit(':', 1)[0]}:{port}"
-        await server.start()
-        self._stopping = asyncio.Event()
-        ready.set()
-        await self._stopping.wait()
-        await server.stop(self._grace)
 
     def stop(self, grace: float = 1.0) -> None:
-        loop, stopping = self._loop, self._stopping
-        self._grace = grace
-        if loop is not None and stopping is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(stopping.set)
-        if self._thread is not None:
-            self._thread.join(grace + 10)
+        self._grpc.stop(grace)
 
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._grpc.alive()
 
     def __enter__(self) -> AccessLogServer:
         return self

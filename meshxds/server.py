@@ -41,6 +41,7 @@ from meshxds.cache import (
     Snapshot,
     SnapshotCache,
 )
+from meshxds.grpc_thread import GrpcThread
 
 log = logging.getLogger(__name__)
 
@@ -434,12 +435,10 @@ class XdsServer:
 
     def __init__(self, cache: SnapshotCache) -> None:
         self.cache = cache
-        self.address = ""
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._server: grpc.aio.Server | None = None
-        self._stopping: asyncio.Event | None = None
-        self._grace = 1.0
+        self._grpc = GrpcThread("xds-server", "xDS server", self._add_handlers, [
+            ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ])
         self._streams: dict[int, _Stream] = {}
         self._next_id = 0
         self._lock = threading.Lock()
@@ -449,34 +448,19 @@ class XdsServer:
         self._recent: collections.deque[NackRecord] = collections.deque(maxlen=MAX_RECENT_NACKS)
 
     # -- lifecycle -----------------------------------------------------------------------------
+    @property
+    def address(self) -> str:
+        return self._grpc.address
+
+    @property
+    def _loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._grpc.loop
+
     def start(self, address: str = "127.0.0.1:0") -> str:
         """Bind and serve in a background thread. `address`: "HOST:PORT" (0 = any free) or "unix:PATH"."""
-        ready = threading.Event()
-        errors: list[BaseException] = []
+        return self._grpc.start(address)
 
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            try:
-                loop.run_until_complete(self._serve(address, ready))
-            except BaseException as e:  # reported to start()
-                errors.append(e)
-                ready.set()
-            finally:
-                loop.close()
-
-        self._thread = threading.Thread(target=run, name="xds-server", daemon=True)
-        self._thread.start()
-        ready.wait(30)
-        if errors:
-            raise RuntimeError(f"xDS server could not start on {address}: {errors[0]}")
-        return self.address
-
-    async def _serve(self, address: str, ready: threading.Event) -> None:
-        server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", 4 * 1024 * 1024),
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
-        ])
+    def _add_handlers(self, server: grpc.aio.Server) -> None:
         handlers = {
             "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
                 self._sotw, request_deserializer=None, response_serializer=_serialize),
@@ -484,30 +468,10 @@ class XdsServer:
                 self._delta, request_deserializer=None, response_serializer=_serialize),
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-        port = server.add_insecure_port(address)
-        if address.startswith("unix:"):
-            self.address = address
-        else:
-            if port == 0:
-                raise RuntimeError("bind failed")
-            self.address = f"{address.rsplit(':', 1)[0]}:{port}"
-        await server.start()
-        self._server = server
-        self._stopping = asyncio.Event()
-        ready.set()
-        await self._stopping.wait()
-        await server.stop(self._grace)
 
     def stop(self, grace: float = 1.0) -> None:
         """Stop serving: open streams get `grace` seconds, then are cancelled."""
-        loop, stopping = self._loop, self._stopping
-        self._grace = grace
-        if loop is not None and stopping is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(stopping.set)
-        if self._thread is not None:
-            self._thread.join(grace + 10)
-        self._server = None
+        self._grpc.stop(grace)
 
     def __enter__(self) -> XdsServer:
         return self
@@ -566,7 +530,7 @@ class XdsServer:
     def status(self) -> ServerStatus:
         """A consistent view for `accel status` and tests: built on the server loop, which owns the streams."""
         loop = self._loop
-        if loop is None or loop.is_closed() or self._thread is threading.current_thread():
+        if loop is None or loop.is_closed() or self._grpc.thread is threading.current_thread():
             return self._status_now()
 
         async def collect() -> ServerStatus:
