@@ -190,10 +190,18 @@ int mesh_sockops(struct bpf_sock_ops *skops)
     if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
         file_capture(skops, &key);
 
-    /* Both ends must be endpoints on this node; anything else keeps the normal path. */
+    /* Both ends must be endpoints on this node; anything else keeps the normal path. Never a leg with the
+     * node Envoy at one end: Envoy stops reading from one side while the other cannot take more, and only
+     * TCP makes the writer wait; spliced, the app (or Envoy) would queue without bound in the kernel and
+     * spend the node's splice budget. Its capture leg is loopback to MESH_CAPTURE_PORT; its other legs
+     * (delivery, L7) come from the node's addresses, which are not in local_endpoints. */
     int spliced = 0;
+    int capture_leg = (key.src_port == MESH_CAPTURE_PORT || key.dst_port == MESH_CAPTURE_PORT) &&
+                      ip_is_loopback(&key.dst_ip);
     struct endpoint_info *src = local_endpoints.lookup(&key.src_ip);
     struct endpoint_info *dst = local_endpoints.lookup(&key.dst_ip);
+    if (capture_leg)
+        src = 0;
     if (src && dst && splice_budget_spent()) {
         count(CNT_GUARD_NOT_SPLICED, 1);
     } else if (src && dst) {

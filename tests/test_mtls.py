@@ -27,7 +27,7 @@ from accel.lab_certs import Credential, credential
 from accel.state.model import MTLS_ANNOTATION, MtlsMode
 from certs.ca import CertificateAuthority
 from sockops_bpf import loader
-from sockops_bpf.maps import open_mesh
+from sockops_bpf.maps import open_mesh, open_pinned
 from tests import waiting
 from tests.conftest import leftovers, require_lab_with_envoy
 from tests.mesh_helpers import ECHO_SERVER, ask, hbone
@@ -66,6 +66,15 @@ class Mesh:
     def mesh_counters(self, node: str) -> dict[str, int]:
         with open_mesh(loader.pin_dir(self.lab.node(node).instance)) as m:
             return m.counters()
+
+    def fastpath_counters(self) -> dict[str, int]:
+        """The fast path's counters, summed over both nodes."""
+        total: dict[str, int] = {}
+        for node in self.lab.nodes.values():
+            with open_pinned(loader.pin_dir(node.instance)) as m:
+                for k, v in m.counters().items():
+                    total[k] = total.get(k, 0) + v
+        return total
 
     def tunnels_to(self, pod: str) -> list[dict[str, Any]]:
         """What the destination node's Envoy logged for tunnels to `pod`."""
@@ -260,10 +269,15 @@ for line in sys.stdin:
 def test_bit_exact_across_nodes_with_half_close(mesh: Mesh) -> None:
     from tests import traffic
 
+    before = mesh.fastpath_counters()
     t = traffic.start(mesh.lab, "pod2", "pod1", mesh.ip("pod2"), 7600, conns=100, msgs=6, max_size=16 << 20,
                       half_close=True)
     moved = traffic.finish(t, 100, timeout=280)
     assert moved > 0
+    # No leg into a node Envoy is spliced (each connection has two: capture on node1, delivery on node2; spliced,
+    # they would insert 400 sockets), so no byte of the tunnels spent the splice budget.
+    rise = {k: v - before.get(k, 0) for k, v in mesh.fastpath_counters().items()}
+    assert rise["sockets_inserted"] < 100 and rise["guard_to_tcp"] == 0, rise
     # every one of them went through its own CONNECT stream (Envoy logs a stream when it ends)
     waiting.wait_until(lambda: sum(1 for tt in mesh.tunnels_to("pod2") if tt["authority"].endswith(":7600")) >= 100,
                        15, "100 tunnels in node2's access log")
