@@ -16,7 +16,7 @@ import pytest
 
 from accel.lab import Lab
 from accel.lab_agent import LabAgent
-from accel.splice_guard import SpliceGuard, tcp_memory_pages
+from accel.splice_guard import PEAK_SPLICE_RATE, SpliceGuard, tcp_memory_pages
 from sockops_bpf import loader
 from sockops_bpf.maps import open_pinned
 from tests import waiting
@@ -33,6 +33,13 @@ def test_budget_is_what_the_memory_has_left_under_the_mark() -> None:
         assert guard.up is up, p
     assert budgets == [990 * 4096, 4096, 0, 0, 500 * 4096]
     assert guard.raised._value.get() == 1  # type: ignore[attr-defined]
+
+
+def test_looks_come_sooner_as_the_budget_shrinks() -> None:
+    guard = SpliceGuard(lambda _: None, high_pages=1000, read_pages=lambda: 0)
+    assert guard.interval(0) == guard.min_interval == 0.005  # spent: look again soon
+    assert guard.interval(1 << 30) == pytest.approx((1 << 30) / (2 * PEAK_SPLICE_RATE))  # 27 ms
+    assert guard.interval(1 << 40) == guard.max_interval == 0.1  # roomy: an idle agent does not spin
 
 
 def test_tcp_memory_is_read_from_sockstat() -> None:
