@@ -8,6 +8,7 @@ import pytest
 
 from accel.policy.compiler import PolicyCompiler
 from accel.policy.evaluate import evaluate
+from accel.policy.peers import Namespaces, PeerFacts, PeerIndex, PeerKind, Principals, principal_namespace
 from accel.policy.ports import prefix_range
 from accel.policy.rbac import inbound_rbac
 from accel.policy.types import RULE_HOST, Direction, PolicyKey, Verdict
@@ -427,3 +428,31 @@ def test_named_ports_follow_the_pods_of_an_identity(c: Cluster) -> None:
     c.delete(db2)
     assert c.conn("shop/api", "shop/db", 8443) is DENY and c.conn("web/fe", "shop/db", 8443) is DENY
     assert c.conn("shop/api", "shop/db", 8080) is ALLOW and c.conn("web/fe", "shop/db", 8080) is ALLOW
+
+
+@pytest.mark.parametrize(("pattern", "namespace"), [
+    ("cluster.local/ns/a/sa/b", "a"), ("*/ns/a/sa/b", "a"), ("cluster.local/ns/a/*", "a"),
+    ("cluster.local/ns/a/sa/b*", "a"), ("*", None), ("cluster.local/ns/a*", None), ("*a/sa/b", None),
+    ("cluster.local/*/sa/b", None), ("cluster.local/ns/a", None),
+])
+def test_a_principal_pattern_pins_its_namespace_only_when_it_must(pattern: str, namespace: str | None) -> None:
+    assert principal_namespace(pattern) == namespace
+
+
+def test_principal_and_namespace_members_are_looked_up_by_namespace_and_equal_a_full_scan() -> None:
+    td = "cluster.local"
+    index = PeerIndex(td)
+    for i, (namespace, sa) in enumerate((n, s) for n in ("a", "ab", "b", "c") for s in ("x", "y", "xy")):
+        index.set_facts(100 + i, PeerFacts(100 + i, PeerKind.POD, namespace=namespace, service_account=sa))
+    matchers = [Principals(("cluster.local/ns/a/sa/x",)), Principals(("*/ns/a/sa/x", "cluster.local/ns/b/*")),
+                Principals(("cluster.local/ns/a*",)), Principals(("*x",)), Principals(("*",)),
+                Namespaces(("a", "c")), Namespaces(("a*",)), Namespaces(("*",))]
+    for m in matchers:
+        index.hold(m)
+        assert index.members(m) == {i for i, f in index.facts.items() if m.matches(f, td)}, m
+    assert Principals(("*/ns/a/sa/x", "cluster.local/ns/b/*")).namespaces() == ("a", "b")
+    assert Principals(("cluster.local/ns/a/sa/x", "*x")).namespaces() is None  # one open pattern: everyone
+    assert Namespaces(("c", "a")).namespaces() == ("a", "c") and Namespaces(("a*",)).namespaces() is None
+    # A pod identity that arrives later joins the matchers it matches, and only those.
+    index.set_facts(200, PeerFacts(200, PeerKind.POD, namespace="a", service_account="x"))
+    assert all((200 in index.members(m)) == m.matches(index.facts[200], td) for m in matchers)

@@ -97,8 +97,8 @@ class PodSelector:
             return False
         return self._pod is None or self._pod.matches(f.labels)
 
-    def namespaces(self) -> str | None:
-        return self.namespace or None
+    def namespaces(self) -> tuple[str, ...] | None:
+        return (self.namespace,) if self.namespace else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +111,7 @@ class NamedPortHolders:
     def matches(self, f: PeerFacts, trust_domain: str) -> bool:
         return f.kind is PeerKind.POD and bool(f.port_named(self.name, self.proto))
 
-    def namespaces(self) -> str | None:
+    def namespaces(self) -> tuple[str, ...] | None:
         return None
 
 
@@ -149,7 +149,7 @@ class CidrBlock:
         p = _net(f.cidr)
         return _inside(p, outer) and not any(_inside(p, e) for e in excepts)
 
-    def namespaces(self) -> str | None:
+    def namespaces(self) -> tuple[str, ...] | None:
         return None
 
 
@@ -176,7 +176,7 @@ class IstioIpBlocks:
             return all(any(_inside(ipaddress.ip_network(ip), n) for n in nets) for ip in f.ips)
         return False
 
-    def namespaces(self) -> str | None:
+    def namespaces(self) -> tuple[str, ...] | None:
         return None
 
 
@@ -191,6 +191,22 @@ def istio_match(pattern: str, value: str) -> bool:
     return value == pattern
 
 
+def principal_namespace(pattern: str) -> str | None:
+    """The namespace every principal matching `pattern` is in, when the pattern pins it ("td/ns/a/sa/b",
+    "*/ns/a/sa/b", "td/ns/a/*"); None otherwise. Sound because no part of `<td>/ns/<ns>/sa/<sa>` holds a '/'."""
+    if pattern.endswith("*"):
+        core = pattern[:-1]
+    elif pattern.startswith("*"):
+        core = pattern[1:]
+    else:
+        core = pattern
+    at = core.find("/ns/")
+    if at < 0 or "*" in core:
+        return None
+    ns, slash, _ = core[at + 4:].partition("/")
+    return ns if slash and ns else None  # a prefix that ends inside the namespace pins nothing
+
+
 @dataclass(frozen=True, slots=True)
 class Principals:
     """Istio `principals`: pod identities whose `<td>/ns/<ns>/sa/<sa>` matches a pattern."""
@@ -201,8 +217,9 @@ class Principals:
         p = f.principal(trust_domain)
         return bool(p) and any(istio_match(x, p) for x in self.patterns)
 
-    def namespaces(self) -> str | None:
-        return None
+    def namespaces(self) -> tuple[str, ...] | None:
+        found = [principal_namespace(x) for x in self.patterns]
+        return None if None in found else tuple(sorted({n for n in found if n is not None}))
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,9 +231,8 @@ class Namespaces:
     def matches(self, f: PeerFacts, trust_domain: str) -> bool:
         return f.kind is PeerKind.POD and any(istio_match(x, f.namespace) for x in self.patterns)
 
-    def namespaces(self) -> str | None:
-        exact = {p for p in self.patterns if "*" not in p}
-        return next(iter(exact)) if len(exact) == 1 and len(self.patterns) == 1 else None
+    def namespaces(self) -> tuple[str, ...] | None:
+        return None if any("*" in p for p in self.patterns) else tuple(sorted(set(self.patterns)))
 
 
 Matcher = PodSelector | NamedPortHolders | CidrBlock | IstioIpBlocks | Principals | Namespaces
@@ -265,9 +281,9 @@ class PeerIndex:
     def _candidates(self, m: Matcher) -> Iterable[int]:
         if isinstance(m, CidrBlock):
             return self._non_pods
-        ns = m.namespaces()
-        if ns is not None:
-            return self._by_ns.get(ns, ())
+        namespaces = m.namespaces()  # a principal or namespace pinned: look only there, not at every identity
+        if namespaces is not None:
+            return [i for ns in namespaces for i in self._by_ns.get(ns, ())]
         return self.facts
 
     def set_facts(self, number: int, facts: PeerFacts | None) -> list[Matcher]:
