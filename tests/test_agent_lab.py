@@ -194,8 +194,8 @@ def test_agent_programs_a_clusterip_from_the_manifest_folder(make_lab: Callable[
         wait_until(lambda: ask(lab, "pod1", vip, 80).endswith(vip), what="the service answering pod1")
         seen = {ask(lab, "pod1", vip, 80) for _ in range(30)}
         assert seen == {f"pod2 {vip}", f"pod3 {vip}"}  # both backends, and getpeername() gives the VIP
-        # The excluded pod's connect() goes to the VIP itself, which nothing in the lab routes.
-        assert ask(lab, "pod4", vip, 80) in (f"pod2 {vip}", f"pod3 {vip}")  # no process there yet: translated
+        # The excluded pod's connect() goes to the VIP itself, which nothing in the lab routes. Until a process
+        # lives in pod4 the agent cannot know its netns (nor, racily, while an ask() runs there: not asserted).
         pause = lab.popen("pod4", ["sleep", "300"])  # no event follows: the agent's idle retry finds it
         wait_until(lambda: ask(lab, "pod4", vip, 80) == "ENETUNREACH",
                    what="the excluded pod to keep the VIP")
