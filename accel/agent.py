@@ -44,6 +44,7 @@ from accel.state.model import ChangeSet, Event, Kind, MtlsMode, ObjectKey, Pod, 
 from accel.state.store import ClusterState
 from certs.manager import CertManager
 from meshxds.hbone import PortRule
+from sockops_bpf.layout import IDENTITY_HOST
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +69,9 @@ class AgentConfig:
     l7_port_base: int = DEFAULT_PORT_BASE
     service_cidrs: tuple[str, ...] = ()  # the cluster's service ranges: a VIP there with no service is refused
     # This node's own addresses toward its pods (the node Envoy's upstream connections, kubelet probes):
-    # HOST in ipcache. Never spliced: the node Envoy's legs need TCP's flow control (sockops.c).
+    # HOST in ipcache, and spliced with local pods as proxy legs (small exchanges only, maps.h).
     node_addresses: tuple[str, ...] = ()
-    splice_loopback: bool = False  # loopback in local_endpoints: connections within a pod are spliced
+    splice_loopback: bool = False  # loopback in local_endpoints: within a pod, and app <-> node Envoy capture legs
     envoy_access_log: str | None = None  # the node Envoy logs each tunnel here (JSON lines)
     istio_root_namespace: str = "istio-system"  # AuthorizationPolicies and PeerAuthentications here apply mesh-wide
     flows_kept: int = DEFAULT_CAPACITY  # the last N flows served by /flows (accel observe)
@@ -124,7 +125,9 @@ class Agent:
                                          node=config.node), on_problem=self._object_problem),
             policy_tables, self.metrics, pod_owns=self._pod_owns)
         self.state.subscribe(self.policy.on_change)
-        fixed = {"127.0.0.1": 0, "::1": 0} if config.splice_loopback else {}
+        fixed = dict.fromkeys(config.node_addresses, IDENTITY_HOST)
+        if config.splice_loopback:
+            fixed.update({"127.0.0.1": 0, "::1": 0})
         self.reconciler = reconciler(config.node, local_endpoints, self.metrics, fixed)
         self.reconciler.state = self.state
         self.state.subscribe(self.reconciler.on_change)

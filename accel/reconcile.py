@@ -2,8 +2,9 @@
 
 - `LocalEndpointsReconciler`: local_endpoints, pod IP (text, v4 or v6) -> identity for the pods
   scheduled on this node (not hostNetwork, not excluded, not finished): the fast path splices sockets
-  whose two ends are there. Loopback is added as a fixed entry when the agent asks (connections within a
-  pod; the node Envoy's capture port excepted, sockops.c).
+  whose two ends are there. Loopback and the node's own addresses are added as fixed entries when the
+  agent asks (within a pod, and the legs between an application and the node Envoy: spliced for their
+  small exchanges only, maps.h "proxy leg").
 - `accel.mesh.IpcacheReconciler`: ipcache, every pod of the cluster -> identity and mesh flags.
 
 Each keeps a mirror of what it believes the map holds and writes only differences. Until the first full
@@ -154,8 +155,8 @@ class AddressMapReconciler(Generic[V]):
 
 
 class LocalEndpointsReconciler(AddressMapReconciler[int]):
-    """local_endpoints: this node's pod addresses -> identity. `fixed`: e.g. loopback (connections
-    within a pod are spliced)."""
+    """local_endpoints: this node's pod addresses -> identity. `fixed`: e.g. loopback and the node's own
+    addresses (so the app <-> node Envoy legs are spliced while they exchange little, maps.h "proxy leg")."""
 
     map_name = "local_endpoints"
 

@@ -52,6 +52,7 @@ class Counter(IntEnum):
     FALLBACKS = 4
     GUARD_TO_TCP = 5
     GUARD_NOT_SPLICED = 6
+    PROXY_BULK_TO_TCP = 7
 
 
 CNT_MAX = 8
@@ -70,6 +71,7 @@ MAPS: dict[str, tuple[CType, CType]] = {
     "sock_hash": (SockKey, ct.c_int),
     "counters": (ct.c_int, ct.c_uint64),
     "tcp_only": (ct.c_int, ct.c_uint8),
+    "proxy_leg": (ct.c_int, ct.c_uint64),
     "splice_budget": (ct.c_int, SpliceBudget),
 }
 

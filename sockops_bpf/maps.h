@@ -60,6 +60,7 @@ enum counter {
     CNT_FALLBACKS = 4,
     CNT_GUARD_TO_TCP = 5,      /* spliced sockets moved to TCP for good: the splice budget was spent */
     CNT_GUARD_NOT_SPLICED = 6, /* connections not spliced: the splice budget was spent */
+    CNT_PROXY_BULK_TO_TCP = 7, /* legs into the node Envoy (or the host) moved to TCP for good: bulk (redir.c) */
     CNT_MAX = 8,
 };
 
@@ -95,6 +96,24 @@ struct tcp_only_table_t {
 __attribute__((section("maps/sk_storage:" PIN_DIR "/tcp_only")))
 struct tcp_only_table_t tcp_only = {.flags = BPF_F_NO_PREALLOC};
 BPF_ANNOTATE_KV_PAIR(tcp_only, int, __u8);
+
+/* Per-socket state of a proxy leg: a spliced socket with the node Envoy (or another host process) at one
+ * end (sockops.c). Such a leg is spliced for its small exchanges only: the proxy stops reading one side
+ * while the other cannot take more, and only TCP then makes the writer wait (spliced bytes have no flow
+ * control), so a bulk sender must be on TCP. `last_verdict_ns`: when the socket's sk_msg program last ran,
+ * which it does once per REDIRECT_APPLY_BYTES (redir.c). bcc's BPF_SK_STORAGE shape, pinned. */
+struct proxy_leg_table_t {
+    int key;
+    __u64 leaf;
+    void *(*sk_storage_get)(void *, void *, int);
+    int (*sk_storage_delete)(void *);
+    u32 flags;
+};
+__attribute__((section("maps/sk_storage:" PIN_DIR "/proxy_leg")))
+struct proxy_leg_table_t proxy_leg = {.flags = BPF_F_NO_PREALLOC};
+BPF_ANNOTATE_KV_PAIR(proxy_leg, int, __u64);
+/* Two verdicts within this time (REDIRECT_APPLY_BYTES each: over 100 MB/s) make a proxy leg bulk. */
+#define PROXY_LEG_BULK_NS 10000000ULL
 
 /* The splice budget (accel/splice_guard.py). The kernel queues a spliced byte at its receiver with no
  * flow control: it charges the receiver and never makes the sender wait. A receiver slower than its

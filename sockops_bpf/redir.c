@@ -23,6 +23,21 @@ int mesh_redir(struct sk_msg_md *msg)
     /* Once a socket missed its peer it stays on TCP for good (mixing paths could reorder its stream). */
     if (tcp_only.sk_storage_get(sk, 0, 0))
         return SK_PASS;
+    /* A proxy leg that sends bulk goes to TCP for good, where the proxy's flow control can make it wait
+     * (maps.h); spliced, it queues at most about two verdicts' worth first. */
+    __u64 *last = proxy_leg.sk_storage_get(sk, 0, 0);
+    if (last) {
+        __u64 now = bpf_ktime_get_ns();
+        if (*last && now - *last < PROXY_LEG_BULK_NS) {
+            __u8 bulk = 1;
+            __u8 *mark = tcp_only.sk_storage_get(sk, &bulk, BPF_SK_STORAGE_GET_F_CREATE);
+            if (mark)
+                *mark = 1;
+            count(CNT_PROXY_BULK_TO_TCP, 1);
+            return SK_PASS;
+        }
+        *last = now;
+    }
     if (!splice_budget_take(REDIRECT_APPLY_BYTES)) {
         __u8 one = 1;
         __u8 *mark = tcp_only.sk_storage_get(sk, &one, BPF_SK_STORAGE_GET_F_CREATE);

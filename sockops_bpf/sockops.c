@@ -190,18 +190,10 @@ int mesh_sockops(struct bpf_sock_ops *skops)
     if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
         file_capture(skops, &key);
 
-    /* Both ends must be endpoints on this node; anything else keeps the normal path. Never a leg with the
-     * node Envoy at one end: Envoy stops reading from one side while the other cannot take more, and only
-     * TCP makes the writer wait; spliced, the app (or Envoy) would queue without bound in the kernel and
-     * spend the node's splice budget. Its capture leg is loopback to MESH_CAPTURE_PORT; its other legs
-     * (delivery, L7) come from the node's addresses, which are not in local_endpoints. */
+    /* Both ends must be endpoints on this node; anything else keeps the normal path. */
     int spliced = 0;
-    int capture_leg = (key.src_port == MESH_CAPTURE_PORT || key.dst_port == MESH_CAPTURE_PORT) &&
-                      ip_is_loopback(&key.dst_ip);
     struct endpoint_info *src = local_endpoints.lookup(&key.src_ip);
     struct endpoint_info *dst = local_endpoints.lookup(&key.dst_ip);
-    if (capture_leg)
-        src = 0;
     if (src && dst && splice_budget_spent()) {
         count(CNT_GUARD_NOT_SPLICED, 1);
     } else if (src && dst) {
@@ -214,6 +206,15 @@ int mesh_sockops(struct bpf_sock_ops *skops)
         if (err == 0) {
             count(CNT_SOCKETS_INSERTED, 1);
             spliced = 1;
+            /* A proxy leg (maps.h): the node Envoy's capture leg (loopback, MESH_CAPTURE_PORT), or a host
+             * address at one end (Envoy's delivery and L7 legs, kubelet probes). Spliced until it sends bulk. */
+            int capture_leg = (key.src_port == MESH_CAPTURE_PORT || key.dst_port == MESH_CAPTURE_PORT) &&
+                              ip_is_loopback(&key.dst_ip);
+            struct bpf_sock *sk = skops->sk;
+            if (sk && (capture_leg || src->identity == IDENTITY_HOST || dst->identity == IDENTITY_HOST)) {
+                __u64 zero_ns = 0;
+                proxy_leg.sk_storage_get(sk, &zero_ns, BPF_SK_STORAGE_GET_F_CREATE);
+            }
         } else {
             count(CNT_INSERT_ERRORS, 1);
         }

@@ -48,7 +48,7 @@ def register(sub: Any) -> None:
                    help="an address this node's host-network processes reach its pods from (the node Envoy's "
                         "connections to pods); repeat for IPv6. Known to the kernel as this node (HOST)")
     p.add_argument("--no-splice-loopback", dest="splice_loopback", action="store_false",
-                   help="do not splice loopback connections within a pod")
+                   help="do not splice loopback connections (within a pod, and between apps and the node Envoy)")
     p.add_argument("--splice-guard-pages", type=int, metavar="PAGES",
                    help="TCP memory (pages, as /proc/net/sockstat counts) above which spliced senders move to TCP "
                         "(default: half of net.ipv4.tcp_mem's low mark)")
