@@ -12,7 +12,9 @@
   capture listener in the pod, the two node Envoys carry it as HBONE (TLS 1.3, HTTP/2 CONNECT).
 
 Measured per mode, in rounds that interleave the modes: throughput with 1 and 4 streams (iperf3),
-64-byte request/response latency p50/p99 (sockperf, one-way = RTT / 2), and CPU seconds per GB moved
+64-byte request/response latency p50/p99 (sockperf, one-way = RTT / 2) left to the scheduler and with every
+process of the path pinned to one CPU (`_one_cpu`: no cross-CPU wakeup, which costs tens of microseconds on
+a virtual machine and decides the unpinned figure: what is left is the path's own cost), and CPU seconds per GB moved
 during the 4-stream run (every process of the path: both applications and their sidecars, read from the
 pods' cgroups, or both applications and the two node Envoys, whose CPU comes from /proc). Ratio =
 meshaccel / sidecars. Targets: throughput >= 1.2x, p50 <= 0.9x, CPU per GB <= 0.8x.
@@ -41,7 +43,7 @@ from accel.envoy import envoy_binary
 from accel.lab import Lab
 from accel.lab_agent import LabAgent, LabCluster, write_pods
 from accel.lab_certs import Credential, credential
-from accel.lab_measure import iperf3_throughput, sockperf_pingpong, wait_listening
+from accel.lab_measure import Cpus, iperf3_throughput, sockperf_pingpong, wait_listening
 from bench.common import median, report
 
 PORT = 5201  # iperf3
@@ -108,14 +110,29 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime, every thread
 
 
+def pin_threads(pids: list[int], cpus: set[int]) -> None:
+    """Every thread of `pids` onto `cpus` (a thread that ended meanwhile is skipped)."""
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(ProcessLookupError, FileNotFoundError):
+                os.sched_setaffinity(int(tid), cpus)
+
+
 class Path_:
-    """One data path: where its client and server run, what address the client dials, and the CPU of
-    every process on it."""
+    """One data path: where its client and server run, what address the client dials, the CPU of every
+    process on it, and its proxies' processes outside the two pods (`proxies`)."""
 
     def __init__(self, mode: str, lab: Lab, client: str, server: str, host: str | None,
-                 extra_cpu: Callable[[], float] = lambda: 0.0) -> None:
+                 extra_cpu: Callable[[], float] = lambda: 0.0, proxies: tuple[int, ...] = ()) -> None:
         self.mode, self.lab, self.client, self.server, self.host = mode, lab, client, server, host
         self.extra_cpu = extra_cpu
+        self.proxies = proxies
+
+    def processes(self) -> list[int]:
+        """Every process of the path now: the two pods' (applications, sidecars) and the proxies."""
+        pods = [int(x) for pod in {self.client, self.server}
+                for x in (Path(self.lab.pod(pod).cgroup) / "cgroup.procs").read_text().split()]
+        return pods + list(self.proxies)
 
     def cpu_seconds(self) -> float:
         return (cgroup_cpu_seconds(self.lab.pod(self.client).cgroup) + cgroup_cpu_seconds(self.lab.pod(self.server).cgroup)
@@ -181,7 +198,8 @@ def data_paths(progress: Callable[[str], None]) -> Iterator[dict[str, Path_]]:
 
         yield {"plain": Path_("plain", lab, "pod1", "pod2", None),
                "sidecars": Path_("sidecars", side, "pod1", "pod2", "127.0.0.1"),
-               "meshaccel": Path_("meshaccel", lab, "pod3", "pod4", None, node_envoys_cpu)}
+               "meshaccel": Path_("meshaccel", lab, "pod3", "pod4", None, node_envoys_cpu,
+                                  tuple(pid for pid in envoys if pid is not None))}
 
 
 def measure(path: Path_, seconds: float) -> dict[str, float]:
@@ -191,8 +209,18 @@ def measure(path: Path_, seconds: float) -> dict[str, float]:
     cpu = path.cpu_seconds() - cpu0  # iperf3's start and end included: a little against every mode
     moved = four * seconds
     lat = sockperf_pingpong(path.lab, seconds, LATENCY_PORT, server=path.server, client=path.client, host=path.host)
+    first = min(os.sched_getaffinity(0))
+    proxies = path.processes()  # sidecars (in the pods) or the node Envoys; sockperf itself runs under taskset
+    pin_threads(proxies, {first})
+    try:
+        lat1 = sockperf_pingpong(path.lab, seconds, LATENCY_PORT, cpus=Cpus(first, first), server=path.server,
+                                 client=path.client, host=path.host)
+    finally:
+        pin_threads(proxies, os.sched_getaffinity(0))
     return {"throughput_1_stream_bytes_per_second": one, "throughput_4_streams_bytes_per_second": four,
             "latency_64b_p50_seconds": lat["latency_p50_seconds"], "latency_64b_p99_seconds": lat["latency_p99_seconds"],
+            "latency_64b_p50_one_cpu_seconds": lat1["latency_p50_seconds"],
+            "latency_64b_p99_one_cpu_seconds": lat1["latency_p99_seconds"],
             "cpu_seconds_per_gb": cpu / (moved / 1e9)}
 
 
@@ -206,7 +234,8 @@ def section_data_path(args: argparse.Namespace, progress: Callable[[str], None])
                 m = runs[mode][-1]
                 progress(f"mtls: round {r + 1} {mode}: 1 stream {m['throughput_1_stream_bytes_per_second'] / 1e6:.0f} MB/s, "
                          f"4 streams {m['throughput_4_streams_bytes_per_second'] / 1e6:.0f} MB/s, p50 "
-                         f"{m['latency_64b_p50_seconds'] * 1e6:.1f} us, {m['cpu_seconds_per_gb']:.2f} CPU s/GB")
+                         f"{m['latency_64b_p50_seconds'] * 1e6:.1f} us ({m['latency_64b_p50_one_cpu_seconds'] * 1e6:.1f} on one CPU), "
+                         f"{m['cpu_seconds_per_gb']:.2f} CPU s/GB")
     return {mode: {k: median([run[k] for run in rs]) for k in rs[0]} for mode, rs in runs.items()}
 
 
