@@ -9,9 +9,7 @@ The agents get their SVIDs from `accel ca serve` over the CSR API (so the CA can
 
 from __future__ import annotations
 
-import hashlib
 import json
-import random
 import subprocess
 import sys
 import time
@@ -34,6 +32,7 @@ from sockops_bpf.maps import open_mesh, open_pinned
 from tests import waiting
 from tests.conftest import leftovers, require_lab_with_envoy
 from tests.mesh_helpers import ECHO_SERVER, ask, hbone
+from tests.paused_reader import PausedTransfer
 
 pytestmark = [pytest.mark.lab, pytest.mark.envoy, pytest.mark.slow]
 
@@ -281,6 +280,9 @@ def test_bit_exact_across_nodes_with_half_close(mesh: Mesh) -> None:
     # moved to TCP before they could queue much: the node's splice budget was never spent.
     rise = {k: v - before.get(k, 0) for k, v in mesh.fastpath_counters().items()}
     assert rise["sockets_inserted"] >= 400 and rise["proxy_bulk_to_tcp"] > 0 and rise["guard_to_tcp"] == 0, rise
+    # every one of them went through its own CONNECT stream (Envoy logs a stream when it ends)
+    waiting.wait_until(lambda: sum(1 for tt in mesh.tunnels_to("pod2") if tt["authority"].endswith(":7600")) >= 100,
+                       15, "100 tunnels in node2's access log")
 
 
 # One connection, many small request/response rounds (what latency is made of).
@@ -296,8 +298,6 @@ print("ok", flush=True)
 
 
 def test_proxy_legs_are_spliced_for_small_exchanges_and_bulk_waits_on_tcp(mesh: Mesh) -> None:
-    from tests.test_splice_guard import CLIENT, SERVER
-
     # Small rounds: both legs (app <-> node1's Envoy, node2's Envoy <-> app) stay spliced.
     before = mesh.fastpath_counters()
     out = mesh.lab.run("pod1", [sys.executable, "-c", ROUNDS, mesh.ip("pod2"), str(PORT), "2000"],
@@ -310,41 +310,19 @@ def test_proxy_legs_are_spliced_for_small_exchanges_and_bulk_waits_on_tcp(mesh: 
     # Bulk to a receiver that reads nothing: the sender's leg moves to TCP and waits, as through sidecars; spliced
     # it would have queued everything in node1's Envoy's socket (no flow control on spliced bytes).
     size = 256 << 20
-    server = mesh.lab.popen("pod2", [sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True)
-    client: subprocess.Popen[str] | None = None
-    try:
-        assert server.stdout is not None and server.stdin is not None
-        assert server.stdout.readline().strip() == "listening"
+    with PausedTransfer(mesh.lab, "pod2", "pod1", size) as transfer:
         before, pages = mesh.fastpath_counters(), tcp_memory_pages()
-        client = mesh.lab.popen("pod1", [sys.executable, "-c", CLIENT, mesh.ip("pod2"), str(size)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        transfer.start()
         waiting.wait_until(lambda: mesh.fastpath_counters()["proxy_bulk_to_tcp"] > before["proxy_bulk_to_tcp"], 30,
                            "the bulk sender's leg moved to TCP")
         peak = pages
         for _ in range(100):  # a second for the sender to fill what it may
             peak = max(peak, tcp_memory_pages())
             time.sleep(0.01)
-        assert client.poll() is None, "the client finished while its receiver read nothing"
+        assert transfer.sending(), "the client finished while its receiver read nothing"
         assert (peak - pages) * 4096 < 128 << 20, (pages, peak)  # socket and Envoy buffers, not the 256 MiB
-        server.stdin.write("read\n")
-        server.stdin.flush()
-        sent, err = client.communicate(timeout=120)
-        assert client.returncode == 0 and f"done {size}" in sent, err[-500:]
-        got = server.communicate(timeout=120)[0].split()
-    finally:
-        for p in (server, client):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait()
-    block, want = random.Random(7).randbytes(1 << 20), hashlib.sha256()
-    for _ in range(size // len(block)):
-        want.update(block)
-    assert got == [str(size), want.hexdigest()]
+        transfer.finish()
     assert mesh.fastpath_counters()["guard_to_tcp"] == before["guard_to_tcp"]
-    # every one of them went through its own CONNECT stream (Envoy logs a stream when it ends)
-    waiting.wait_until(lambda: sum(1 for tt in mesh.tunnels_to("pod2") if tt["authority"].endswith(":7600")) >= 100,
-                       15, "100 tunnels in node2's access log")
 
 
 
