@@ -1,7 +1,8 @@
 """The splice guard: spliced sockets must never fill the node's TCP memory (maps.h "splice budget").
 
 The kernel queues a spliced byte at its receiver with no flow control: a receiver slower than its
-sender (a consumer that pauses; hence legs into the node Envoy are never spliced, sockops.c) lets its
+sender (a consumer that pauses; the node Envoy behind a slow tunnel, which is why a proxy leg moves to
+TCP once it sends bulk, maps.h "proxy leg") lets its
 queue grow until the kernel's TCP memory reaches its pressure mark, and then spliced senders' writes
 fail with ENOMEM and every TCP socket of the node is squeezed. A BPF program cannot see how much a
 receiver has left unread, but the kernel's TCP memory is one number (/proc/net/sockstat "TCP: ... mem",
@@ -11,9 +12,10 @@ the memory stays under `high` however fast a sender writes and however late this
 or dead watcher stops the splicing, never the memory limit). Out of budget, senders move to TCP for good
 and nothing new is spliced. The next look comes before a node splicing at PEAK_SPLICE_RATE could spend
 half the budget (5 ms to 100 ms): a roomy budget needs few looks, so an idle agent does not spin.
-`high` defaults to half the kernel's tcp_mem low mark (net.ipv4.tcp_mem[0], under which the kernel does not regulate TCP memory at all; its pressure mark, where
-ENOMEM begins, is tcp_mem[1]): splicing stops well before the node's TCP memory gets tight, and stays on
-while a busy node's ordinary TCP buffers use less.
+`high` defaults to half the kernel's tcp_mem low mark (net.ipv4.tcp_mem[0], under which the kernel does
+not regulate TCP memory at all; its pressure mark, where ENOMEM begins, is tcp_mem[1]): splicing stops
+well before the node's TCP memory gets tight, and stays on while a busy node's ordinary TCP buffers use
+less.
 """
 
 from __future__ import annotations
