@@ -33,6 +33,7 @@ from typing import Any
 
 from accel.errors import UserError
 from accel.splice_guard import SpliceGuard
+from accel.state.identity import SECURITY_MIN
 from sockops_bpf import loader
 from sockops_bpf.cgroup import cgroup2_root
 from sockops_bpf.errors import BpfError
@@ -270,9 +271,9 @@ class Lab:
             loader.load(node.instance, Path(node.cgroup), defines, src_dir)
             with open_pinned(loader.pin_dir(node.instance)) as maps:
                 for i, pod in enumerate(self.pods.values()):
-                    if pod.node == node.name:
-                        maps.local_endpoints[pod.ipv4] = i + 1
-                        maps.local_endpoints[pod.ipv6] = i + 1
+                    if pod.node == node.name:  # a pod identity of its own, clear of the reserved ones (HOST...)
+                        maps.local_endpoints[pod.ipv4] = SECURITY_MIN + i
+                        maps.local_endpoints[pod.ipv6] = SECURITY_MIN + i
                 if self.loopback:
                     maps.local_endpoints["127.0.0.1"] = 0
                     maps.local_endpoints["::1"] = 0

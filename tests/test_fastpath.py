@@ -38,6 +38,7 @@ def test_200_concurrent_connections_random_sizes_up_to_4mib(make_lab: Callable[.
     assert c["sockets_inserted"] >= 400, c  # both ends of every connection were spliced
     assert c["redirect_verdicts"] >= 200, c
     assert c["insert_errors"] == 0, c
+    assert c["proxy_bulk_to_tcp"] == 0, c  # pod to pod is no proxy leg: its 4 MiB messages stay spliced
 
 
 def test_half_close_while_the_other_side_still_sends(make_lab: Callable[..., Any]) -> None:
