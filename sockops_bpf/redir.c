@@ -24,7 +24,7 @@ int mesh_redir(struct sk_msg_md *msg)
     if (tcp_only.sk_storage_get(sk, 0, 0))
         return SK_PASS;
     /* A proxy leg that sends bulk goes to TCP for good, where the proxy's flow control can make it wait
-     * (maps.h); spliced, it queues at most about two verdicts' worth first. */
+     * (maps.h); by then it has spliced about one verdict's worth (a MiB) since its last pause. */
     __u64 *last = proxy_leg.sk_storage_get(sk, 0, 0);
     if (last) {
         __u64 now = bpf_ktime_get_ns();
