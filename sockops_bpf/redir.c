@@ -13,6 +13,17 @@
 #define REDIRECT_APPLY_BYTES 1048576 /* 1 MiB */
 #endif
 
+/* Mark the socket tcp_only (it stays on TCP for good), count why, and let this send go by TCP. */
+static __always_inline int to_tcp_for_good(struct bpf_sock *sk, int why)
+{
+    __u8 one = 1;
+    __u8 *mark = tcp_only.sk_storage_get(sk, &one, BPF_SK_STORAGE_GET_F_CREATE);
+    if (mark)
+        *mark = 1;
+    count(why, 1);
+    return SK_PASS;
+}
+
 int mesh_redir(struct sk_msg_md *msg)
 {
     struct bpf_sock *sk = msg->sk;
@@ -28,24 +39,12 @@ int mesh_redir(struct sk_msg_md *msg)
     __u64 *last = proxy_leg.sk_storage_get(sk, 0, 0);
     if (last) {
         __u64 now = bpf_ktime_get_ns();
-        if (*last && now - *last < PROXY_LEG_BULK_NS) {
-            __u8 bulk = 1;
-            __u8 *mark = tcp_only.sk_storage_get(sk, &bulk, BPF_SK_STORAGE_GET_F_CREATE);
-            if (mark)
-                *mark = 1;
-            count(CNT_PROXY_BULK_TO_TCP, 1);
-            return SK_PASS;
-        }
+        if (*last && now - *last < PROXY_LEG_BULK_NS)
+            return to_tcp_for_good(sk, CNT_PROXY_BULK_TO_TCP);
         *last = now;
     }
-    if (!splice_budget_take(REDIRECT_APPLY_BYTES)) {
-        __u8 one = 1;
-        __u8 *mark = tcp_only.sk_storage_get(sk, &one, BPF_SK_STORAGE_GET_F_CREATE);
-        if (mark)
-            *mark = 1;
-        count(CNT_GUARD_TO_TCP, 1);
-        return SK_PASS;
-    }
+    if (!splice_budget_take(REDIRECT_APPLY_BYTES))
+        return to_tcp_for_good(sk, CNT_GUARD_TO_TCP);
 
     struct sock_key peer;
     __builtin_memset(&peer, 0, sizeof(peer));
@@ -77,12 +76,7 @@ int mesh_redir(struct sk_msg_md *msg)
         if (st)
             st->spliced_bytes += msg->size; /* a lower bound: this verdict covers the next REDIRECT_APPLY_BYTES */
 #endif
-    } else {
-        __u8 one = 1;
-        __u8 *mark = tcp_only.sk_storage_get(sk, &one, BPF_SK_STORAGE_GET_F_CREATE);
-        if (mark)
-            *mark = 1;
-        count(CNT_FALLBACKS, 1);
+        return SK_PASS;
     }
-    return SK_PASS;
+    return to_tcp_for_good(sk, CNT_FALLBACKS);
 }
