@@ -1,4 +1,4 @@
-"""Helpers shared by benchmarks: machine description, medians, the JSON/text report."""
+"""Helpers shared by benchmarks: machine description, progress lines, CPU time, medians, the JSON/text report."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import math
 import os
 import platform
 import statistics
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 # Other work on the machine moves every figure: say how busy it was when the benchmark started
@@ -23,6 +25,23 @@ def machine() -> dict[str, Any]:
         "cpu_model": _cpu_model(),
         "load_average_1min_at_start": round(LOAD_AT_START, 2),
     }
+
+
+Progress = Callable[[str], None]
+
+
+def progress_printer(quiet: bool) -> Progress:
+    """Progress lines to stderr; none when `quiet` (with --json, the output is the one JSON object)."""
+    def progress(msg: str) -> None:
+        if not quiet:
+            print(msg, file=sys.stderr, flush=True)
+    return progress
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far, every thread."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def machine_line(name: str, m: Mapping[str, Any]) -> str:

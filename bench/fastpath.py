@@ -31,7 +31,7 @@ from typing import Any
 
 from accel.lab import Lab
 from accel.lab_measure import Cpus, iperf3_throughput, pipe_pingpong, placements, sockperf_pingpong
-from bench.common import machine, machine_line, median
+from bench.common import machine, machine_line, median, progress_printer
 from sockops_bpf import loader
 from sockops_bpf.maps import open_pinned
 
@@ -91,10 +91,7 @@ def main(argv: list[str]) -> int:
     one_cpu, two_cpus = placements()
     where = [one_cpu, *([two_cpus] if two_cpus else [])]
 
-    def progress(msg: str) -> None:
-        if not args.json:
-            print(msg, file=sys.stderr, flush=True)
-
+    progress = progress_printer(args.json)
     t_start = time.monotonic()
     runs: dict[tuple[str, str], Series] = {(mode, p.name): {} for mode in ("plain", "spliced")
                                            for p in (POD_TO_POD, LOOPBACK)}

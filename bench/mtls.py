@@ -44,7 +44,7 @@ from accel.lab import Lab
 from accel.lab_agent import LabAgent, LabCluster, write_pods
 from accel.lab_certs import Credential, credential
 from accel.lab_measure import Cpus, iperf3_throughput, sockperf_pingpong, wait_listening
-from bench.common import median, report
+from bench.common import median, process_cpu_seconds, progress_printer, report
 
 PORT = 5201  # iperf3
 LATENCY_PORT = 5202  # sockperf (a port of its own: iperf3's server may still be closing)
@@ -103,11 +103,6 @@ def cgroup_cpu_seconds(cgroup: str) -> float:
         if line.startswith("usage_usec "):
             return int(line.split()[1]) / 1e6
     raise RuntimeError(f"no usage_usec in {cgroup}/cpu.stat")
-
-
-def process_cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime, every thread
 
 
 def pin_threads(pids: list[int], cpus: set[int]) -> None:
@@ -313,10 +308,7 @@ def main(argv: list[str]) -> int:
         print("bench mtls: --seconds > 0, --rounds >= 1, --local-pods > 10, --remote-pods >= 0", file=sys.stderr)
         return 2
 
-    def progress(msg: str) -> None:
-        if not args.json:
-            print(msg, file=sys.stderr, flush=True)
-
+    progress = progress_printer(args.json)
     baseline: dict[str, float] = {}
     candidate: dict[str, float] = {}
     extra: dict[str, Any] = {}

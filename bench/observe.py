@@ -44,7 +44,7 @@ from typing import Any
 
 import yaml
 
-from bench.common import median, report
+from bench.common import median, process_cpu_seconds, report
 
 ROOT = Path(__file__).resolve().parent.parent
 KEPT = 100_000
@@ -393,12 +393,6 @@ def _emitted(agent: Any) -> int:
     return int(agent.status()["flows"]["kernel"]["emitted"])
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def kernel_part(a: argparse.Namespace) -> tuple[dict[str, float], dict[str, float], dict[str, Any]]:
     from accel.lab import Lab
     from accel.lab_agent import LabAgent
@@ -425,14 +419,14 @@ def kernel_part(a: argparse.Namespace) -> tuple[dict[str, float], dict[str, floa
                 i = role[name]
                 pid = agents[i].pid("agent")
                 assert pid is not None
-                before, cpu = _emitted(agents[i]), _cpu_seconds(pid)
+                before, cpu = _emitted(agents[i]), process_cpu_seconds(pid)
                 runs[name].append(_kernel_round(labs[i], a.seconds, a.connections, 21000 + r * 20 + i * 10))
                 emitted = _emitted(agents[i]) - before
                 if (emitted > 0) != (name == "on"):
                     raise RuntimeError(f"flow events were not {name} as compiled ({emitted} emitted in the round)")
                 if name == "on":
                     events += emitted
-                    agent_cpu += _cpu_seconds(pid) - cpu
+                    agent_cpu += process_cpu_seconds(pid) - cpu
             print(f"observe: kernel round {r + 1}/{a.kernel_rounds}: " + "; ".join(
                 f"{name} {m['fastpath_throughput_bytes_per_second'] * 8 / 1e9:.2f} Gbit/s, "
                 f"p50 {m['fastpath_latency_p50_seconds'] * 1e6:.1f} us, {m['short_connections_per_second']:.0f} conn/s"

@@ -21,7 +21,6 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +31,7 @@ from accel.state.model import ChangeSet, Event, EventType, Kind, Record
 from accel.state.parse import parse_object
 from accel.state.store import ClusterState
 from bench._policy_kernel import PolicyNode, section_connect, section_enforce, section_revoke
-from bench.common import median, percentile, report
+from bench.common import Progress, median, percentile, progress_printer, report
 
 NODE = "node-0"
 
@@ -44,7 +43,6 @@ class SectionResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-Progress = Callable[[str], None]
 
 
 # --- a synthetic cluster --------------------------------------------------------------------------
@@ -255,10 +253,7 @@ def main(argv: list[str]) -> int:
         print("bench policy: every count (--policies ... --revoke) must be >= 1", file=sys.stderr)
         return 2
 
-    def progress(msg: str) -> None:
-        if not args.json:
-            print(msg, file=sys.stderr, flush=True)
-
+    progress = progress_printer(args.json)
     baseline: dict[str, float] = {}
     candidate: dict[str, float] = {}
     extra: dict[str, Any] = {}
