@@ -33,14 +33,15 @@ def credential(folder: Path, name: str, spiffe_id: str, lab_id: str, ca: Certifi
                not_before_offset: float = 0.0, ttl: int = 3600) -> Credential:
     """A certificate for `spiffe_id` signed by `ca` (the lab's CA by default), written to `folder`.
     not_before_offset < 0 back-dates it (with a short ttl: an expired certificate)."""
-    signer = ca or lab_ca(lab_id)
+    roots = lab_ca(lab_id)
+    signer = ca or roots
     if not_before_offset:
         signer = CertificateAuthority(signer.material, signer.trust_domain, clock=lambda: time.time() + not_before_offset)
     key = generate_key()
     leaf = signer.issue(SpiffeId.parse(spiffe_id), key.public_key(), ttl)
     folder.mkdir(parents=True, exist_ok=True)
-    cert, keyf, roots = folder / f"{name}.pem", folder / f"{name}-key.pem", folder / "lab-roots.pem"
+    cert, keyf, bundle = folder / f"{name}.pem", folder / f"{name}-key.pem", folder / "lab-roots.pem"
     cert.write_text(cert_pem(leaf) + "".join(signer.chain_pem()[:-1]))
     keyf.write_text(key_pem(key))
-    roots.write_text(lab_ca(lab_id).trust_bundle_pem())
-    return Credential(cert, keyf, roots)
+    bundle.write_text(roots.trust_bundle_pem())
+    return Credential(cert, keyf, bundle)
