@@ -564,7 +564,18 @@ def import_images() -> None:
         if done.get(name) == key and wanted in have:
             continue
         t0 = time.monotonic()
-        run("ctr", "--address", sock, "-n", "k8s.io", "images", "import", "--no-unpack=false", str(tar), timeout=900)
+        for attempt in (1, 2):
+            try:
+                run("ctr", "--address", sock, "-n", "k8s.io", "images", "import", "--no-unpack=false", str(tar),
+                    timeout=900)
+                break
+            except NodeError as e:
+                # Seen once: a new version of an image unpacked over a parent layer it shares with the version
+                # it replaces, whose snapshot containerd's collector took meanwhile ("parent snapshot ... does
+                # not exist"). A second import extracts that layer afresh.
+                if attempt == 2:
+                    raise
+                log(f"importing {wanted} failed, trying once more: {e}")
         # Pinned images are never garbage-collected by the kubelet.
         run("ctr", "--address", sock, "-n", "k8s.io", "images", "label", wanted, "io.cri-containerd.pinned=pinned",
             check=False)
