@@ -182,8 +182,10 @@ class Agent:
         if policy_tables is not None:
             self.revoker = Revoker(self.policy, self.state, config.node, self.netns,
                                    getattr(mesh_tables, "orig_dst", None), config.node_addresses,
-                                   self._served_pods, self.metrics)
+                                   self._served_pods, self.metrics,
+                                   self.flows.tunnels if config.als_listen else None)
             self.policy.on_revoke = self.revoker.wake
+            self.flows.tunnels.on_open = self.revoker.check_tunnel
         # Spliced bytes have no flow control in the kernel: keep them from filling the node's TCP memory.
         self.splice_guard = (SpliceGuard(splice_guard, self.metrics.registry, config.splice_guard_pages)
                              if splice_guard is not None else None)
@@ -426,6 +428,8 @@ class Agent:
             "certs": self.certs.status() if self.certs is not None else None,
             "xds": self.xds.status() if self.xds is not None else None,
             "flows": self.flows.status(),
+            "revocation": {"closed": self.revoker.destroyed, "last_round_seconds": self.revoker.last_round_seconds}
+            if self.revoker is not None else None,
             "splice_guard": {"budget_spent": self.splice_guard.up, "high_pages": self.splice_guard.high}
             if self.splice_guard is not None else None,
         }

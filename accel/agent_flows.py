@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
+from envoy.service.accesslog.v3 import als_pb2
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -28,7 +29,8 @@ from accel.flows_kernel import KernelFlows
 from accel.flows_metrics import IstioMetrics
 from accel.flows_resolve import EndpointResolver
 from accel.state.store import ClusterState
-from meshxds.als import AccessLogServer
+from accel.tunnels_inbound import InboundTunnels
+from meshxds.als import AccessLogServer, StreamIdentity
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,8 @@ class AgentFlows:
         self.store.add_observer(self.istio.observe)
         self.envoy = EnvoyFlows(self.store, self.resolver, on_problem)
         self.als_listen = als_listen
-        self.als = AccessLogServer(self.envoy.on_message) if als_listen else None
+        self.tunnels = InboundTunnels()  # who is behind each stream the node Envoy delivers (for revocation)
+        self.als = AccessLogServer(self._on_als_message) if als_listen else None
         self.kernel: KernelFlows | None = None  # the eBPF ring buffer's reader (attach_kernel)
         self._stop = threading.Event()
         self.streams = FlowStreams(self.store, self._stop)
@@ -60,6 +63,10 @@ class AgentFlows:
                       rule_name: Callable[[int], str] = str) -> None:
         """Read the kernel's flows from the instance pinned in `pin_dir` once started."""
         self.kernel = KernelFlows(pin_dir, self.resolver, self.record_many, l7_listeners, rule_name)
+
+    def _on_als_message(self, ident: StreamIdentity, msg: als_pb2.StreamAccessLogsMessage) -> None:
+        self.envoy.on_message(ident, msg)
+        self.tunnels.on_message(ident, msg)
 
     # --- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -102,6 +109,7 @@ class AgentFlows:
             "access_log": None if als is None else {
                 "address": als.address, "streams": als.streams, "messages": als.messages,
                 "malformed_messages": als.malformed_messages, **self.envoy.status()},
+            "inbound_tunnels": None if als is None else self.tunnels.status(),
         }
 
 

@@ -9,7 +9,10 @@ and ingress hooks decide with them. Then `Revoker` (its own thread) lists the so
 - a pod's own socket: its egress, and its ingress when it is the server (a listening port of the pod);
 - a captured connection to a pod on another node: also that pod's ingress, which its node decides
   (the tunnel's streams there are judged by Envoy RBAC from the same compiler; closing the app's socket
-  here ends the stream).
+  here ends the stream);
+- a tunnelled connection this node's Envoy delivers to a pod (it comes from the node's address): the
+  stream's peer principal, from Envoy's access log (accel/tunnels_inbound.py), judged by the pod's inbound
+  RBAC; closing the pod's socket ends the stream, whatever the source's node does.
 Until the first full sync nothing is written (after an agent restart the kernel keeps the pinned policy);
 at the sync the map is read once and corrected entry by entry.
 """
@@ -46,6 +49,7 @@ from accel.policy.types import (
 from accel.state.identity import ID_HOST
 from accel.state.model import ChangeSet, Kind, ObjectKey, Workload
 from accel.state.store import ClusterState
+from accel.tunnels_inbound import InboundTunnel, InboundTunnels
 from sockops_bpf.layout import MESH_CAPTURE_PORT
 from sockops_bpf.maps import AddressInfo, Backend
 
@@ -94,6 +98,7 @@ class PolicyEnforcer:
         self.pod_owns = pod_owns
         self.lock = threading.Lock()  # the compiler's tables: the apply thread writes, readers take this
         self.synced = False
+        self.generation = 0  # every change: what was derived from the compiled tables may be stale
         self.writes = 0
         self.last_diff_seconds = 0.0
         self.on_revoke: Callable[[], None] = lambda: None  # set by the agent: the revoker's wake-up
@@ -103,6 +108,7 @@ class PolicyEnforcer:
         t0 = time.perf_counter()
         with self.lock:
             diff = self.compiler.on_change(cs)
+            self.generation += 1
             if self.tables is None:
                 return
             if not self.synced:
@@ -186,8 +192,10 @@ class Revoker:
 
     def __init__(self, enforcer: PolicyEnforcer, state: ClusterState, node: str, netns_cache: PodNetnsCache,
                  orig_dst: Mapping[tuple[int, str, int], Backend] | None, node_addresses: Iterable[str],
-                 pods: Callable[[], list[Workload]], metrics: Metrics | None = None) -> None:
+                 pods: Callable[[], list[Workload]], metrics: Metrics | None = None,
+                 tunnels: InboundTunnels | None = None) -> None:
         self.enforcer = enforcer
+        self.tunnels = tunnels
         self.state = state
         self.node = node
         self.netns = netns_cache
@@ -195,6 +203,7 @@ class Revoker:
         self.node_addresses = {ipaddress.ip_address(a).compressed for a in node_addresses}
         self.pods = pods
         self.metrics = metrics
+        self._rbacs: dict[int, tuple[int, InboundRbac]] = {}  # subject -> (enforcer generation, its RBAC)
         self.destroyed = 0
         self.last_round_seconds = 0.0
         self._wake = threading.Event()
@@ -216,6 +225,26 @@ class Revoker:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def check_tunnel(self, t: InboundTunnel) -> None:
+        """A stream that just opened (its access log entry came in): a round if the policy denies it now,
+        for a stream that opened under a policy a round has already replaced."""
+        w = self.state.workload_by_ip(t.pod_ip)
+        if w is None:
+            return
+        with self.enforcer.lock:
+            verdict, _ = self._rbac(w.security_identity).verdict(t.principal, t.port)
+        if verdict is Verdict.DENY:
+            self.wake()
+
+    def _rbac(self, subject: int) -> InboundRbac:
+        """The subject's inbound RBAC, as its Envoy listener has it; the caller holds the enforcer's lock."""
+        hit = self._rbacs.get(subject)
+        if hit is None or hit[0] != self.enforcer.generation:
+            if len(self._rbacs) > 4096:
+                self._rbacs.clear()
+            hit = self._rbacs[subject] = (self.enforcer.generation, inbound_rbac(self.enforcer.compiler, subject))
+        return hit[1]
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -268,7 +297,13 @@ class Revoker:
                     continue  # not a connection; HBONE's own legs are Envoy's
                 if s.sport in listening:  # this pod serves it
                     peer = self._identity(compiled, exact, s.dst)
-                    if peer == ID_HOST or _loopback(s.dst):
+                    if _loopback(s.dst):
+                        continue
+                    if peer == ID_HOST:  # the node itself, or a stream the node Envoy delivers
+                        t = self.tunnels.peer(s.dst, s.dport, s.src, s.sport) if self.tunnels is not None else None
+                        if t is not None:
+                            v, rule = self._rbac(me).verdict(t.principal, s.sport)
+                            out.append(Judged(w.key, s, v, rule))
                         continue
                     v, rule = evaluate(compiled, me, peer, Direction.INGRESS, 6, s.sport)
                     out.append(Judged(w.key, s, v, rule))

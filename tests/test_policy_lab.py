@@ -12,6 +12,8 @@ and pod4, ports 8080 and 9090.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -330,6 +332,53 @@ def test_revocation_closes_what_is_no_longer_allowed_within_a_second(plab: Polic
             d.wait()
     plab.until("pod4", "pod2", "ok")
 
+
+
+def test_the_destination_node_revokes_tunnels_when_the_source_node_cannot(plab: PolicyLab) -> None:
+    """node1's agent is frozen (as if down, or the peer were an Istio proxy with no meshaccel agent): node2
+    closes the tunnelled connections its new policy denies by itself, from the streams' peer principals
+    in its Envoy's access log, and leaves the allowed tunnelled ones alone."""
+    from tests import traffic
+
+    lab, db = plab.lab, plab.ip("pod2")
+    node2 = plab.agent("node2")
+    st = node2.status()
+    before, closed_before = st["flows"]["inbound_tunnels"]["opened"], st["revocation"]["closed"]
+    doomed = lab.popen("pod1", [sys.executable, "-c", KEEPER, db, "10"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                       text=True)
+    kept = traffic.start(lab, "pod2", "pod5", db, 7500, conns=10, msgs=60, max_size=128 << 10, pause=0.05)
+    frozen = plab.agent("node1").pid("agent")
+    assert frozen is not None
+    try:
+        assert doomed.stdout is not None and doomed.stdout.readline().strip() == "open"
+        waiting.wait_until(lambda: node2.status()["flows"]["inbound_tunnels"]["opened"] >= before + 10, 15,
+                           "node2's Envoy logged the 10 tunnelled streams")
+        os.kill(frozen, signal.SIGSTOP)
+        plab.apply("revoke-at-destination", netpol("db-only-b", "lab", {"role": "db"},
+                                                   ingress=[{"from": [{"namespaceSelector": {"matchLabels": {"team": "b"}}}]}]))
+        t0 = time.monotonic()
+
+        def all_closed() -> bool:
+            assert doomed.stdin is not None and doomed.stdout is not None
+            doomed.stdin.write("probe\n")
+            doomed.stdin.flush()
+            return all(s == "-1" for s in doomed.stdout.readline().split())
+        try:
+            waiting.wait_until(all_closed, 10, "the 10 denied tunnelled connections closed by node2", interval=0.05)
+        except AssertionError as e:
+            st = node2.status()
+            raise AssertionError(f"{e}; node2: inbound tunnels {st['flows']['inbound_tunnels']}, "
+                                 f"revocation {st['revocation']}") from None
+        print(f"revocation at the destination: 10 tunnelled connections closed {time.monotonic() - t0:.3f}s after "
+              "the policy file was written")
+        traffic.finish(kept, 10, timeout=120)  # pod5 (team-b) through the same tunnels' Envoys: every byte
+        assert node2.status()["revocation"]["closed"] >= closed_before + 10
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+        plab.remove("revoke-at-destination")
+        doomed.kill()
+        doomed.wait()
+    plab.until("pod1", "pod2", "ok")
 
 def test_policy_check_explains_with_the_kernel_maps_and_denies_are_counted(plab: PolicyLab) -> None:
     plab.apply("check", netpol("db-from-b", "lab", {"role": "db"},
