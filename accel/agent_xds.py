@@ -126,7 +126,9 @@ class XdsBridge:
         files = [R.file_access_log(access_log_path)] if access_log_path else []
         self.als_cluster = als_cluster(als_address) if als_address else None
         self.file_log = files
-        self.inbound_log = files + ([http_access_log("tunnel", "inbound")] if als_address else [])
+        # `forwarded` names the source pod (believed when its identity is the certificate's: accel/flows_envoy.py)
+        self.inbound_log = files + ([http_access_log("tunnel", "inbound", request_headers=("forwarded",))]
+                                    if als_address else [])
         self.als = als_address is not None
         self.cache = SnapshotCache()
         self.server = XdsServer(self.cache)

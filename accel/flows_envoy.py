@@ -7,8 +7,9 @@ entry is a tunnel when its downstream was TLS, else plain TCP.
 - L7 request (HTTP entry): source = the downstream peer, destination = the upstream host Envoy
   picked; method, path, status, route name, response flags; bytes = headers + body each way.
 - Tunnel (TCP or HTTP CONNECT entry, encrypted): identities from the certificates: the downstream
-  peer's URI SAN is the source (inbound), Envoy's own certificate on that connection the
-  destination; on an outbound tunnel the upstream peer's URI SAN (tag `meshaccel.upstream_peer`)
+  peer's URI SAN is the source (inbound; its pod is the one an HBONE CONNECT's `forwarded: for=` names
+  when that pod has that identity, else the peer node's address), Envoy's own certificate on that
+  connection the destination; on an outbound tunnel the upstream peer's URI SAN (tag `meshaccel.upstream_peer`)
   is the destination. Bytes from the connection properties.
 - A TCP entry logged when the upstream connected is an `open` flow, at connection end a `close`
   flow; a connection that never reached an upstream (no healthy upstream, connection failure, no
@@ -244,6 +245,7 @@ class EnvoyFlows:
         tags = dict(c.custom_tags)
         src, dst, service = self._ends(c, tags)
         src, dst, encrypted = self._identities(c, tags, src, dst)
+        src = self._forwarded_source(entry.request, src)
         status = entry.response.response_code.value
         if status > 999:
             raise MalformedEntry(f"HTTP status {status} out of range")
@@ -270,9 +272,45 @@ class EnvoyFlows:
                     duration_seconds=dur if closed else 0.0, http_method=method,
                     http_path=req.path, http_status=status, route=c.route_name, response_flags=flags)
 
+    def _forwarded_source(self, req: al.HTTPRequestProperties, src: Endpoint) -> Endpoint:
+        """An HBONE CONNECT comes from the peer node's address; its `forwarded: for="ip:port"` names the
+        source pod. Believed only when the model's pod at that address has the certificate's identity
+        (the peer writes the header, the CA vouches for the identity); otherwise the node stays the source."""
+        fwd = req.request_headers.get("forwarded", "")
+        if not fwd or not src.identity:
+            return src
+        named = forwarded_for(fwd)
+        if named is None:
+            return src
+        pod = self.resolver.endpoint(*named)
+        return pod if pod.pod and pod.identity == src.identity else src
+
     def status(self) -> dict[str, int]:
         with self._lock:
             return {"flows": self.flows, "malformed_entries": self.malformed, "skipped_entries": self.skipped}
+
+
+def forwarded_for(header: str) -> tuple[str, int] | None:
+    """(ip, port) of the first `for=` of a Forwarded header (RFC 7239): `for="10.0.0.5:4000"`,
+    `for="[fd00::5]:4000"`, `for=10.0.0.5` (port 0); None when there is no IP address there."""
+    for part in header.split(",")[0].split(";"):
+        name, _, value = part.strip().partition("=")
+        if name.strip().lower() != "for":
+            continue
+        value = value.strip().strip('"')
+        if value.startswith("["):
+            host, _, rest = value[1:].partition("]")
+            port = rest.removeprefix(":")
+        elif value.count(":") == 1:
+            host, _, port = value.partition(":")
+        else:
+            host, port = value, ""
+        try:
+            ip = _canonical_ip(host)
+        except MalformedEntry:
+            return None
+        return ip, int(port) if port.isdigit() and int(port) <= 65535 else 0
+    return None
 
 
 def _with_identity(ep: Endpoint, identity: str) -> Endpoint:

@@ -15,7 +15,7 @@ TCP proxies log on close; with `tcp_proxy_log_options()` they also log when the 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import cluster_pb2
@@ -91,10 +91,12 @@ def _tags(path: str, direction: str, service: str, source_ip: str = "", original
 
 def http_access_log(path: str, direction: str = "", service: str = "", *, cluster: str = DEFAULT_CLUSTER,
                     log_name: str = "meshaccel", upstream_peer: bool = False, flush_interval_s: float = 1.0,
-                    buffer_bytes: int = 16384) -> accesslog_pb2.AccessLog:
-    """For HttpConnectionManager.access_log: one entry per request (and per CONNECT tunnel)."""
+                    buffer_bytes: int = 16384, request_headers: Sequence[str] = ()) -> accesslog_pb2.AccessLog:
+    """For HttpConnectionManager.access_log: one entry per request (and per CONNECT tunnel).
+    `request_headers`: also log these (e.g. an HBONE CONNECT's `forwarded`, naming the source pod)."""
     cfg = als_pb2.HttpGrpcAccessLogConfig(common_config=_common(
-        log_name, cluster, _tags(path, direction, service), upstream_peer, flush_interval_s, buffer_bytes))
+        log_name, cluster, _tags(path, direction, service), upstream_peer, flush_interval_s, buffer_bytes),
+        additional_request_headers_to_log=list(request_headers))
     return accesslog_pb2.AccessLog(name=HTTP_LOGGER, typed_config=pack(cfg))
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 import pytest
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2 as al
@@ -31,8 +32,9 @@ from google.protobuf import wrappers_pb2
 from accel.agent_flows import AgentFlows
 from accel.envoy import Envoy, EnvoyConfig
 from accel.flows import Flow, FlowStore
-from accel.flows_envoy import EnvoyFlows
+from accel.flows_envoy import EnvoyFlows, forwarded_for
 from accel.flows_metrics import IstioMetrics
+from accel.flows_resolve import EndpointResolver
 from accel.state.model import Event, EventType
 from accel.state.parse import parse_object
 from accel.state.store import ClusterState
@@ -359,3 +361,48 @@ def test_malformed_messages_and_entries_are_counted_and_skipped(setup: Setup) ->
     assert f'meshaccel_access_log_entries_total{{result="malformed"}} {after["malformed_entries"]:.1f}' in text
     assert f"meshaccel_access_log_malformed_messages_total {als_after.malformed_messages:.1f}" in text
     assert setup.als.alive()
+
+
+# --- the source pod of an HBONE stream, from the CONNECT's `forwarded` --------------------------------
+
+@pytest.mark.parametrize(("header", "want"), [
+    ('for="127.0.0.12:40000"', ("127.0.0.12", 40000)),
+    ('for="[fd00::5]:40000";proto=https', ("fd00::5", 40000)),
+    ("proto=http; for=127.0.0.12, for=10.0.0.1", ("127.0.0.12", 0)),
+    ('for="_hidden"', None),
+    ("by=127.0.0.1", None),
+])
+def test_forwarded_for(header: str, want: tuple[str, int] | None) -> None:
+    assert forwarded_for(header) == want
+
+
+def test_an_hbone_streams_source_is_the_pod_forwarded_names_only_with_the_certificates_identity() -> None:
+    decoder = EnvoyFlows(FlowStore(10), EndpointResolver(model(), NODE))
+
+    def connect(forwarded: str) -> Flow:
+        e = al.HTTPAccessLogEntry()
+        c = e.common_properties
+        c.downstream_remote_address.socket_address.address = "10.9.9.9"  # the peer node's Envoy
+        c.downstream_remote_address.socket_address.port_value = 51000
+        c.upstream_remote_address.socket_address.address = DB_IP
+        c.upstream_remote_address.socket_address.port_value = 5432
+        c.tls_properties.tls_version = al.TLSProperties.TLSv1_3
+        c.tls_properties.peer_certificate_properties.subject_alt_name.add(uri=CLIENT_ID)
+        c.custom_tags[AL.TAG_PATH] = "tunnel"
+        c.access_log_type = al.DownstreamTunnelSuccessfullyEstablished
+        e.request.request_method = base_pb2.CONNECT
+        if forwarded:
+            e.request.request_headers["forwarded"] = forwarded
+        e.response.response_code.value = 200
+        f = decoder.http_flow(e)
+        assert f is not None
+        return f
+
+    named = connect(f'for="{CLIENT_IP}:40000"')
+    assert (named.src.pod, named.src.ip, named.src.port, named.src.identity) == ("shop/client-0", CLIENT_IP, 40000,
+                                                                                 CLIENT_ID)
+    assert named.event == "open" and named.dst.pod == "shop/db-7c4b9-qq8rt"
+    # A header naming a pod of another identity, or nothing usable: the node stays the source.
+    for header in (f'for="{DB_IP}:40000"', 'for="unknown"', ""):
+        f = connect(header)
+        assert (f.src.ip, f.src.pod, f.src.identity) == ("10.9.9.9", "", CLIENT_ID), header

@@ -258,13 +258,15 @@ def test_tunnel_between_enrolled_pods_of_two_nodes(flab: FlowLab) -> None:
     # The kernel reports no flow of its own for it (the tunnel is Envoy's to report).
     assert not [f for f in observe(flab.agent("node1").url, "--pod", "lab/pod1") if f["source"] == "kernel"
                 and f["dst"]["port"] == TUNNEL_PORT]
-    # node2's Envoy: the tunnel comes from node1's address, the source identity from pod1's certificate; its
+    # node2's Envoy: the tunnel comes from node1's address; the source identity is pod1's certificate's and
+    # the source pod (and its port) the one the CONNECT's `forwarded` names, pod1 having that identity; its
     # bytes are the CONNECT stream's, the application's plus the headers as Envoy counts them.
     inbound = by_event(flows_of(flab.agent("node2").url, lambda f: f["source"] == "envoy" and f["dst"]["port"] == TUNNEL_PORT,
                                 2, "the inbound tunnel", "--pod", "lab/pod2", "--identity", sid("pod1"))[-2:])
     for f in inbound.values():
         assert f["path"] == "tunnel" and f["encrypted"] and f["verdict"] == "forwarded", f
-        assert f["src"]["identity"] == sid("pod1") and f["src"]["ip"] == flab.lab.node("node1").fabric4, f
+        assert f["src"]["identity"] == sid("pod1"), f
+        flab.assert_end(f["src"], "pod1", r["sport"])
         assert (f["http_method"], f["http_status"]) == ("CONNECT", 200), f
         flab.assert_end(f["dst"], "pod2", TUNNEL_PORT)
     close = inbound["close"]
@@ -355,6 +357,9 @@ def test_istio_metrics_carry_the_flows_numbers(flab: FlowLab) -> None:
     metrics_match(n1, pair(n1, "pod5", "pod4"), **labels("pod5", "pod4"))
     metrics_match(n2, pair(n2, "pod5", "pod4"), **labels("pod5", "pod4", reporter="destination"))
     metrics_match(n1, pair(n1, "pod1", "pod2", source="envoy"), **labels("pod1", "pod2"),
+                  connection_security_policy="mutual_tls")
+    # The destination names the tunnel's source pod too (the CONNECT's `forwarded`, its identity checked).
+    metrics_match(n2, pair(n2, "pod1", "pod2", source="envoy"), **labels("pod1", "pod2", reporter="destination"),
                   connection_security_policy="mutual_tls")
     denied = [f for f in observe(n1, "--verdict", "denied", "--pod", "lab/pod3") if f["reason"] == "policy"]
     assert denied and istio(n1, "istio_tcp_connections_opened_total", response_flags="DENY",
