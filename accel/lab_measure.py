@@ -1,5 +1,6 @@
-"""Latency and throughput between lab sockets with the standard tools (sockperf, iperf3), and the
-machine's wakeup floor: what the demo shows and the fastpath benchmark compares. Both tools come
+"""Latency and throughput between lab sockets with the standard tools (sockperf, iperf3), short
+connections (a Python client), and the machine's wakeup floor: what the demo shows and the benchmarks
+compare. Both tools come
 from scripts/setup.sh; `taskset` (util-linux) pins them.
 
 Where the two ends run decides what a ping-pong measures. On a virtual machine, waking a process
@@ -15,6 +16,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -136,3 +138,47 @@ def pipe_pingpong(cpus: Cpus, seconds: float) -> dict[str, float]:
     rtts.sort()
     return {"latency_p50_seconds": rtts[len(rtts) // 2] / 2e9,
             "latency_p99_seconds": rtts[min(len(rtts) - 1, round(0.99 * (len(rtts) - 1)))] / 2e9}
+
+
+# One client making connections one after another: connect, one byte each way, close.
+SHORT_SERVER = r"""
+import socket, sys, threading
+s = socket.create_server((sys.argv[1], int(sys.argv[2])), backlog=1024)
+print("listening", flush=True)
+def serve(c):
+    with c:
+        c.recv(1); c.sendall(b"y")
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+SHORT_CLIENT = r"""
+import socket, sys, time
+ip, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+t0 = time.perf_counter()
+for _ in range(n):
+    with socket.create_connection((ip, port)) as c:
+        c.sendall(b"x")
+        assert c.recv(1) == b"y"
+print(n / (time.perf_counter() - t0))
+"""
+
+
+def short_connections(lab: Lab, connections: int, port: int, server: str = "pod1", client: str = "pod2",
+                      host: str | None = None) -> float:
+    """Connections per second that one client in `client` makes, one after another, to a server in
+    `server` at `host` (default: the server pod's IPv4), each carrying one byte each way: what a
+    connection's set-up and tear-down cost on the path (a Python client: its own cost included)."""
+    ip = host or lab.pod(server).ipv4
+    proc = lab.popen(server, [sys.executable, "-c", SHORT_SERVER, ip, str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        if proc.stdout is None or proc.stdout.readline().strip() != "listening":
+            raise RuntimeError(f"the short-connection server in {server} did not start")
+        out = lab.run(client, [sys.executable, "-c", SHORT_CLIENT, ip, str(port), str(connections)],
+                      capture_output=True, text=True, timeout=300)
+        if out.returncode != 0:
+            raise RuntimeError(f"short connections failed: {out.stderr[-1000:]}")
+        return float(out.stdout.strip())
+    finally:
+        proc.kill()
+        proc.wait()

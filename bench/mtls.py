@@ -16,8 +16,10 @@ Measured per mode, in rounds that interleave the modes: throughput with 1 and 4 
 process of the path pinned to one CPU (`_one_cpu`: no cross-CPU wakeup, which costs tens of microseconds on
 a virtual machine and decides the unpinned figure: what is left is the path's own cost), and CPU seconds per GB moved
 during the 4-stream run (every process of the path: both applications and their sidecars, read from the
-pods' cgroups, or both applications and the two node Envoys, whose CPU comes from /proc). Ratio =
-meshaccel / sidecars. Targets: throughput >= 1.2x, p50 <= 0.9x, CPU per GB <= 0.8x.
+pods' cgroups, or both applications and the two node Envoys, whose CPU comes from /proc), and short
+connections per second (one Python client, one after another: connect, a byte each way, close; a sidecar pair
+does a TLS handshake per connection, HBONE opens a stream on the tunnel it already has). Ratio =
+meshaccel / sidecars. Targets (the issue's): throughput >= 1.2x, p50 <= 0.9x, CPU per GB <= 0.8x.
 
 Config section (`--sections config`): the node Envoy's configuration (bytes of its config dump) and
 memory (RSS) with 10 and with 100 enrolled pods on its node and 1,000 enrolled pods on other nodes
@@ -43,7 +45,7 @@ from accel.envoy import envoy_binary
 from accel.lab import Lab
 from accel.lab_agent import LabAgent, LabCluster, write_pods
 from accel.lab_certs import Credential, credential
-from accel.lab_measure import Cpus, iperf3_throughput, sockperf_pingpong, wait_listening
+from accel.lab_measure import Cpus, iperf3_throughput, short_connections, sockperf_pingpong, wait_listening
 from bench.common import median, process_cpu_seconds, progress_printer, report
 
 PORT = 5201  # iperf3
@@ -197,7 +199,7 @@ def data_paths(progress: Callable[[str], None]) -> Iterator[dict[str, Path_]]:
                                   tuple(pid for pid in envoys if pid is not None))}
 
 
-def measure(path: Path_, seconds: float) -> dict[str, float]:
+def measure(path: Path_, seconds: float, connections: int) -> dict[str, float]:
     one = iperf3_throughput(path.lab, seconds, 1, PORT, server=path.server, client=path.client, host=path.host)
     cpu0 = path.cpu_seconds()
     four = iperf3_throughput(path.lab, seconds, 4, PORT, server=path.server, client=path.client, host=path.host)
@@ -212,11 +214,13 @@ def measure(path: Path_, seconds: float) -> dict[str, float]:
                                  client=path.client, host=path.host)
     finally:
         pin_threads(proxies, os.sched_getaffinity(0))
+    short = short_connections(path.lab, connections, LATENCY_PORT, server=path.server, client=path.client,
+                              host=path.host)
     return {"throughput_1_stream_bytes_per_second": one, "throughput_4_streams_bytes_per_second": four,
             "latency_64b_p50_seconds": lat["latency_p50_seconds"], "latency_64b_p99_seconds": lat["latency_p99_seconds"],
             "latency_64b_p50_one_cpu_seconds": lat1["latency_p50_seconds"],
             "latency_64b_p99_one_cpu_seconds": lat1["latency_p99_seconds"],
-            "cpu_seconds_per_gb": cpu / (moved / 1e9)}
+            "cpu_seconds_per_gb": cpu / (moved / 1e9), "short_connections_per_second": short}
 
 
 def section_data_path(args: argparse.Namespace, progress: Callable[[str], None]) -> dict[str, dict[str, float]]:
@@ -225,12 +229,12 @@ def section_data_path(args: argparse.Namespace, progress: Callable[[str], None])
         for r in range(args.rounds):
             order = MODES if r % 2 == 0 else tuple(reversed(MODES))
             for mode in order:
-                runs[mode].append(measure(paths[mode], args.seconds))
+                runs[mode].append(measure(paths[mode], args.seconds, args.connections))
                 m = runs[mode][-1]
                 progress(f"mtls: round {r + 1} {mode}: 1 stream {m['throughput_1_stream_bytes_per_second'] / 1e6:.0f} MB/s, "
                          f"4 streams {m['throughput_4_streams_bytes_per_second'] / 1e6:.0f} MB/s, p50 "
                          f"{m['latency_64b_p50_seconds'] * 1e6:.1f} us ({m['latency_64b_p50_one_cpu_seconds'] * 1e6:.1f} on one CPU), "
-                         f"{m['cpu_seconds_per_gb']:.2f} CPU s/GB")
+                         f"{m['cpu_seconds_per_gb']:.2f} CPU s/GB, {m['short_connections_per_second']:.0f} short conn/s")
     return {mode: {k: median([run[k] for run in rs]) for k in rs[0]} for mode, rs in runs.items()}
 
 
@@ -296,6 +300,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--sections", default="data-path,config", help="comma-separated, of: data-path, config")
     ap.add_argument("--seconds", type=float, default=5.0, help="each iperf3 and sockperf run")
     ap.add_argument("--rounds", type=int, default=3, help="rounds over the three modes (medians reported)")
+    ap.add_argument("--connections", type=int, default=1000, help="short connections per mode and round")
     ap.add_argument("--local-pods", type=int, default=100, help="config: enrolled pods on the node (vs 10)")
     ap.add_argument("--remote-pods", type=int, default=1000, help="config: enrolled pods on other nodes")
     ap.add_argument("--json", action="store_true")
@@ -304,8 +309,9 @@ def main(argv: list[str]) -> int:
     if not sections or any(s not in ("data-path", "config") for s in sections):
         print(f"bench mtls: --sections {args.sections!r}: choose from data-path, config", file=sys.stderr)
         return 2
-    if args.seconds <= 0 or args.rounds < 1 or args.local_pods < 11 or args.remote_pods < 0:
-        print("bench mtls: --seconds > 0, --rounds >= 1, --local-pods > 10, --remote-pods >= 0", file=sys.stderr)
+    if args.seconds <= 0 or args.rounds < 1 or args.connections < 1 or args.local_pods < 11 or args.remote_pods < 0:
+        print("bench mtls: --seconds > 0, --rounds >= 1, --connections >= 1, --local-pods > 10, --remote-pods >= 0",
+              file=sys.stderr)
         return 2
 
     progress = progress_printer(args.json)

@@ -316,45 +316,6 @@ def agent_part(a: argparse.Namespace) -> tuple[dict[str, float], dict[str, float
 
 # --- the kernel: flow events off and on --------------------------------------------------------------
 
-# Short connections from pod2 to pod1: connect, 1 byte each way, close; prints connections per second.
-SHORT_SERVER = r"""
-import socket, sys, threading
-s = socket.create_server((sys.argv[1], int(sys.argv[2])), backlog=1024)
-print("listening", flush=True)
-def serve(c):
-    with c:
-        c.recv(1); c.sendall(b"y")
-while True:
-    c, _ = s.accept()
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
-"""
-SHORT_CLIENT = r"""
-import socket, sys, time
-ip, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-t0 = time.perf_counter()
-for _ in range(n):
-    with socket.create_connection((ip, port)) as c:
-        c.sendall(b"x")
-        assert c.recv(1) == b"y"
-print(n / (time.perf_counter() - t0))
-"""
-
-
-def short_connections(lab: Any, connections: int, port: int) -> float:
-    ip = lab.pod("pod1").ipv4
-    server = lab.popen("pod1", [sys.executable, "-c", SHORT_SERVER, ip, str(port)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert server.stdout is not None and server.stdout.readline().strip() == "listening"
-        out = lab.run("pod2", [sys.executable, "-c", SHORT_CLIENT, ip, str(port), str(connections)],
-                      capture_output=True, text=True, timeout=300)
-        if out.returncode != 0:
-            raise RuntimeError(f"short connections failed: {out.stderr[-1000:]}")
-        return float(out.stdout.strip())
-    finally:
-        server.kill()
-        server.wait()
-
-
 @contextlib.contextmanager
 def _one_cpu() -> Iterator[None]:
     """The processes started meanwhile (they inherit this process' affinity) share the last CPU. Where the
@@ -369,7 +330,7 @@ def _one_cpu() -> Iterator[None]:
 
 
 def _kernel_round(lab: Any, seconds: float, connections: int, port: int) -> dict[str, float]:
-    from accel.lab_measure import iperf3_throughput, sockperf_pingpong
+    from accel.lab_measure import iperf3_throughput, short_connections, sockperf_pingpong
 
     # iperf3 is not pinned: a receiver sharing its sender's CPU falls behind, and a spliced socket's receive
     # queue has no limit (sockmap's ingress redirect does no rmem accounting; measured: 1.8 GB queued, the
