@@ -5,7 +5,7 @@
   mTLS (TLS 1.3, the lab CA's SVIDs, SAN checked both ways). The client application connects to its
   sidecar on 127.0.0.1:PORT, which is where Istio's iptables REDIRECT would send it (without the
   REDIRECT's cost: the baseline is favoured); the client sidecar opens TLS to the server sidecar on
-  podIP:15443 (15444 for the latency port), which hands the bytes to the application on 127.0.0.1:PORT. These pods live in a second
+  podIP:15443 (15444 and 15445 for the latency and short-connection ports), which hands the bytes to the application on 127.0.0.1:PORT. These pods live in a second
   two-node lab with no eBPF attached (a sidecar mesh has none: meshaccel's programs would splice the
   sidecars' loopback legs).
 - meshaccel (candidate): both pods `strict`; the kernel sends the client's connect() to the node Envoy's
@@ -50,7 +50,8 @@ from bench.common import median, process_cpu_seconds, progress_printer, report
 
 PORT = 5201  # iperf3
 LATENCY_PORT = 5202  # sockperf (a port of its own: iperf3's server may still be closing)
-PORTS = {PORT: 15443, LATENCY_PORT: 15444}  # application port -> the server sidecar's mTLS port for it
+SHORT_PORT = 5203  # short connections (their TIME_WAITs would keep sockperf, which does not reuse, off its port)
+PORTS = {PORT: 15443, LATENCY_PORT: 15444, SHORT_PORT: 15445}  # application port -> the server sidecar's mTLS port
 MODES = ("plain", "sidecars", "meshaccel")
 TD = "cluster.local"
 
@@ -214,7 +215,7 @@ def measure(path: Path_, seconds: float, connections: int) -> dict[str, float]:
                                  client=path.client, host=path.host)
     finally:
         pin_threads(proxies, os.sched_getaffinity(0))
-    short = short_connections(path.lab, connections, LATENCY_PORT, server=path.server, client=path.client,
+    short = short_connections(path.lab, connections, SHORT_PORT, server=path.server, client=path.client,
                               host=path.host)
     return {"throughput_1_stream_bytes_per_second": one, "throughput_4_streams_bytes_per_second": four,
             "latency_64b_p50_seconds": lat["latency_p50_seconds"], "latency_64b_p99_seconds": lat["latency_p99_seconds"],
