@@ -40,7 +40,7 @@ _MSG_TAIL = struct.Struct("=IIIII")  # expires, rqueue, wqueue, uid, inode
 class TcpSocket:
     family: int
     state: int
-    src: str
+    src: str  # as the model writes addresses: an IPv6 socket's IPv4-mapped address is the IPv4 one
     sport: int
     dst: str
     dport: int
@@ -54,12 +54,17 @@ class TcpSocket:
 
 
 def _addr(family: int, raw: bytes) -> str:
+    """The address as the model writes it: an IPv6 socket's IPv4-mapped address (a dual-stack socket's
+    IPv4 peer, what Go, Java and Node servers have) is its IPv4 address."""
     if family == socket.AF_INET:
         return socket.inet_ntop(family, raw[:4])
-    return str(ipaddress.IPv6Address(raw))
+    ip = ipaddress.IPv6Address(raw)
+    return str(ip.ipv4_mapped) if ip.ipv4_mapped is not None else str(ip)
 
 
 def _raw(family: int, ip: str) -> bytes:
+    if family == socket.AF_INET6 and "." in ip:  # an IPv6 socket's IPv4-mapped address, back to its wire form
+        ip = f"::ffff:{ip}"
     packed = socket.inet_pton(family, ip)
     return packed + bytes(16 - len(packed))
 

@@ -278,7 +278,8 @@ def flows_of(url: str) -> list[dict[str, Any]]:
 
 KEEPER = r"""
 import socket, sys, time
-conns = [socket.create_connection((sys.argv[1], 8080), timeout=5) for _ in range(int(sys.argv[2]))]
+port = int(sys.argv[3]) if len(sys.argv) > 3 else 8080
+conns = [socket.create_connection((sys.argv[1], port), timeout=5) for _ in range(int(sys.argv[2]))]
 print("open", flush=True)
 for line in sys.stdin:  # "probe": one round trip on every connection, report which are still alive
     alive = []
@@ -333,6 +334,56 @@ def test_revocation_closes_what_is_no_longer_allowed_within_a_second(plab: Polic
     plab.until("pod4", "pod2", "ok")
 
 
+
+# An IPv6 server that takes IPv4 too (what Go, Java and Node listen with by default): its IPv4
+# connections are IPv6 sockets with IPv4-mapped addresses.
+DUAL_STACK_SERVER = r"""
+import socket, threading
+s = socket.create_server(("::", 9191), family=socket.AF_INET6, dualstack_ipv6=True)
+print("listening", flush=True)
+def handle(c):
+    with c, c.makefile("rb") as lines:
+        for line in lines:
+            c.sendall(b"echo " + line.strip() + b"\n")
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=handle, args=(c,), daemon=True).start()
+"""
+
+
+def test_revocation_judges_ipv4_mapped_sockets_by_their_ipv4_peer(plab: PolicyLab) -> None:
+    """A dual-stack server's IPv4 connections (and an IPv6 client socket dialling an IPv4-mapped address)
+    are judged by the pod behind the IPv4 address: the allowed ones stay, the denied ones close."""
+    lab, db = plab.lab, plab.ip("pod2")
+    server = lab.popen("pod2", [sys.executable, "-c", DUAL_STACK_SERVER], stdout=subprocess.PIPE, text=True)
+    keepers = {}
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "listening"
+        # pod6 (team-b, allowed after the change): IPv4 and an IPv6 socket to the mapped address; pod4 (lab): denied.
+        for name, src, ip in (("v4", "pod6", db), ("mapped", "pod6", f"::ffff:{db}"), ("denied", "pod4", db)):
+            keepers[name] = lab.popen(src, [sys.executable, "-c", KEEPER, ip, "3", "9191"], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True)
+
+        def probe(name: str) -> list[str]:
+            k = keepers[name]
+            assert k.stdin is not None and k.stdout is not None
+            k.stdin.write("probe\n")
+            k.stdin.flush()
+            return k.stdout.readline().split()
+        for name, k in keepers.items():
+            assert k.stdout is not None and k.stdout.readline().strip() == "open", name
+            assert probe(name) == ["0", "1", "2"], name
+        plab.apply("mapped", netpol("db-only-b", "lab", {"role": "db"},
+                                    ingress=[{"from": [{"namespaceSelector": {"matchLabels": {"team": "b"}}}]}]))
+        waiting.wait_until(lambda: probe("denied") == ["-1", "-1", "-1"], 10, "pod4's connections closed")
+        time.sleep(1.0)  # a later round would close wrongly judged ones too
+        assert probe("v4") == ["0", "1", "2"] and probe("mapped") == ["0", "1", "2"]
+    finally:
+        plab.remove("mapped")
+        for k in [server, *keepers.values()]:
+            k.kill()
+            k.wait()
+    plab.until("pod4", "pod2", "ok")
 
 def test_the_destination_node_revokes_tunnels_when_the_source_node_cannot(plab: PolicyLab) -> None:
     """node1's agent is frozen (as if down, or the peer were an Istio proxy with no meshaccel agent): node2
