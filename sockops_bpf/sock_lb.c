@@ -340,7 +340,13 @@ static __always_inline int lb_forward6(struct bpf_sock_addr *ctx, __u32 proto)
     }
     if (mesh == MESH_CAPTURE) {
         struct lb_addr cap = {};
-        cap.ip.addr[15] = 1; /* ::1 */
+        /* An IPv6 socket dialling an IPv4 pod (IPv4-mapped, as Java's sockets do) goes to the IPv4 listener
+         * (::ffff:127.0.0.1): Envoy's SO_ORIGINAL_DST, so the CONNECT's authority, is then the pod's IPv4
+         * address, which is what the far side serves, not ::ffff:a.b.c.d. */
+        if (ip_is_v4(&be.ip))
+            ip_from_v4(&cap.ip, bpf_htonl(0x7f000001));
+        else
+            cap.ip.addr[15] = 1; /* ::1 */
         cap.port = MESH_CAPTURE_PORT;
         ctx_set_ip6(ctx, &cap.ip);
         ctx->user_port = (__u32)bpf_htons(MESH_CAPTURE_PORT);

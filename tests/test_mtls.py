@@ -164,6 +164,22 @@ def test_strict_pods_talk_through_hbone_and_the_wire_carries_only_tls(mesh: Mesh
     assert t["forwarded"].startswith(f'for="{mesh.ip("pod1")}:')
 
 
+
+def test_an_ipv6_socket_dialling_an_ipv4_pod_is_tunnelled_too(mesh: Mesh, tmp_path: Path) -> None:
+    """Java's sockets (and any dual-stack client) dial IPv4 as IPv6 sockets to IPv4-mapped addresses: such a
+    connection is captured and tunnelled like an IPv4 one, with the pod's IPv4 address as the authority."""
+    marker = "marker-mapped-7c2e-never-on-the-wire"
+    mapped = f"::ffff:{mesh.ip('pod2')}"
+    cap = Capture(mesh.lab, tmp_path / "link.pcap")
+    answer = ask(mesh.lab, "pod1", mapped, PORT, marker)
+    raw = cap.stop()
+    assert answer.startswith(f"echo {marker} from") and answer.endswith(f"| peer {mapped}"), answer
+    assert marker.encode() not in raw
+    flows = cap.flows()  # the stream may ride a tunnel already open (no handshake then), but it crossed
+    assert flows and all(a.endswith(".15008") or b.endswith(".15008") for a, b in flows), flows
+    waiting.wait_until(lambda: any(t["forwarded"].startswith(f'for="{mesh.ip("pod1")}:')
+                                   for t in mesh.tunnels_to("pod2")), 10, "the tunnel in node2's access log")
+
 def test_permissive_accepts_plaintext_strict_refuses_it_disable_sends_it(mesh: Mesh, tmp_path: Path) -> None:
     # permissive pod4 accepts plaintext from the non-enrolled pod5 (another node)
     cap = Capture(mesh.lab, tmp_path / "plain.pcap")
