@@ -245,7 +245,8 @@ class EnvoyFlows:
         tags = dict(c.custom_tags)
         src, dst, service = self._ends(c, tags)
         src, dst, encrypted = self._identities(c, tags, src, dst)
-        src = self._forwarded_source(entry.request, src)
+        if encrypted and entry.request.request_method == base_pb2.CONNECT:  # an HBONE stream, not a request
+            src = self._forwarded_source(entry.request, src)
         status = entry.response.response_code.value
         if status > 999:
             raise MalformedEntry(f"HTTP status {status} out of range")

@@ -406,3 +406,12 @@ def test_an_hbone_streams_source_is_the_pod_forwarded_names_only_with_the_certif
     for header in (f'for="{DB_IP}:40000"', 'for="unknown"', ""):
         f = connect(header)
         assert (f.src.ip, f.src.pod, f.src.identity) == ("10.9.9.9", "", CLIENT_ID), header
+    # An L7 request's own Forwarded header (the application's) names nothing.
+    e = al.HTTPAccessLogEntry()
+    e.common_properties.downstream_remote_address.socket_address.address = CLIENT_IP
+    e.common_properties.upstream_remote_address.socket_address.address = DB_IP
+    e.request.request_method = base_pb2.GET
+    e.request.request_headers["forwarded"] = f'for="{CLIENT_IP}:1"'
+    e.response.response_code.value = 200
+    f = decoder.http_flow(e)
+    assert f is not None and (f.src.ip, f.src.port) == (CLIENT_IP, 0)
