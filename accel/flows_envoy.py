@@ -89,8 +89,9 @@ def _canonical_ip(text: str) -> str:
     return ip
 
 
-def _address(addr: address_pb2.Address) -> tuple[str, int] | None:
-    """(ip, port) of a socket address; None when unset or not an IP socket (a pipe)."""
+def address_of(addr: address_pb2.Address) -> tuple[str, int] | None:
+    """(ip, port) of an access log entry's socket address; None when unset or not an IP socket (a pipe);
+    MalformedEntry when it is not an IP address or the port is out of range."""
     if not addr.HasField("socket_address"):
         return None
     sa = addr.socket_address
@@ -99,7 +100,7 @@ def _address(addr: address_pb2.Address) -> tuple[str, int] | None:
     return _canonical_ip(sa.address), sa.port_value
 
 
-def _uri_san(cert: al.TLSProperties.CertificateProperties) -> str:
+def uri_san(cert: al.TLSProperties.CertificateProperties) -> str:
     for san in cert.subject_alt_name:
         if san.uri:
             return san.uri
@@ -179,15 +180,15 @@ class EnvoyFlows:
     # --- one entry ----------------------------------------------------------------------------
     def _ends(self, c: al.AccessLogCommon, tags: Mapping[str, str]) -> tuple[Endpoint, Endpoint, str]:
         """(source, destination, service) endpoints of an entry."""
-        down = _address(c.downstream_remote_address)
+        down = address_of(c.downstream_remote_address)
         if down is None:
             raise MalformedEntry("no downstream IP address")
         if tags.get(TAG_SOURCE_IP):  # a capture leg: the downstream is the pod's loopback
             down = (_canonical_ip(tags[TAG_SOURCE_IP]), down[1])
-        up = _address(c.upstream_remote_address)
+        up = address_of(c.upstream_remote_address)
         if tags.get(TAG_DESTINATION) == "original":  # where the app was going, not the HBONE hop
             up = None
-        local = _address(c.downstream_local_address) if up is None else None
+        local = address_of(c.downstream_local_address) if up is None else None
         target = up or local
         if target is None:
             raise MalformedEntry("no upstream or local IP address")
@@ -203,8 +204,8 @@ class EnvoyFlows:
         """Identities from certificates override what the address said (the certificate is proof)."""
         tls = c.tls_properties
         encrypted = bool(tls.tls_version) or bool(tags.get(TAG_UPSTREAM_PEER))
-        peer = _uri_san(tls.peer_certificate_properties)
-        own = _uri_san(tls.local_certificate_properties)
+        peer = uri_san(tls.peer_certificate_properties)
+        own = uri_san(tls.local_certificate_properties)
         upstream = tags.get(TAG_UPSTREAM_PEER, "")
         if upstream == "-":
             upstream = ""

@@ -18,19 +18,16 @@ streams opened before it are judged only by their source's node.
 from __future__ import annotations
 
 import ipaddress
-import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from envoy.config.core.v3 import address_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2 as al
 from envoy.service.accesslog.v3 import als_pb2
 
+from accel.flows_envoy import MalformedEntry, address_of, uri_san
 from meshxds.access_log import TAG_DIRECTION, TAG_PATH
 from meshxds.als import StreamIdentity
-
-log = logging.getLogger(__name__)
 
 DEFAULT_CAPACITY = 65536
 
@@ -40,23 +37,6 @@ class InboundTunnel:
     principal: str  # the peer's SPIFFE ID (client certificate URI SAN)
     pod_ip: str  # where Envoy delivers: the destination pod's address and port
     port: int
-
-
-def _ip_port(addr: address_pb2.Address) -> tuple[str, int] | None:
-    if not addr.HasField("socket_address"):
-        return None
-    sa = addr.socket_address
-    try:
-        return ipaddress.ip_address(sa.address).compressed, sa.port_value
-    except ValueError:
-        return None
-
-
-def _principal(tls: al.TLSProperties) -> str:
-    for san in tls.peer_certificate_properties.subject_alt_name:
-        if san.uri:
-            return san.uri
-    return ""
 
 
 class InboundTunnels:
@@ -79,12 +59,15 @@ class InboundTunnels:
                 tags = c.custom_tags
                 if tags.get(TAG_PATH) != "tunnel" or tags.get(TAG_DIRECTION) != "inbound":
                     continue
-                leg, dst = _ip_port(c.upstream_local_address), _ip_port(c.upstream_remote_address)
+                try:
+                    leg, dst = address_of(c.upstream_local_address), address_of(c.upstream_remote_address)
+                except MalformedEntry:
+                    continue  # the flows count it (accel/flows_envoy.py reads the same entry)
                 if leg is None or dst is None:
                     continue  # the stream never reached the pod (refused, or the pod did not answer)
                 key = (*leg, *dst)
                 if c.access_log_type == al.DownstreamTunnelSuccessfullyEstablished:
-                    principal = _principal(c.tls_properties)
+                    principal = uri_san(c.tls_properties.peer_certificate_properties)
                     if not principal:
                         continue
                     t = InboundTunnel(principal, *dst)
