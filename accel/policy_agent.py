@@ -98,7 +98,7 @@ class PolicyEnforcer:
         self.pod_owns = pod_owns
         self.lock = threading.Lock()  # the compiler's tables: the apply thread writes, readers take this
         self.synced = False
-        self.generation = 0  # every change: what was derived from the compiled tables may be stale
+        self._rbacs: dict[int, InboundRbac] = {}  # per subject, until the next change
         self.writes = 0
         self.last_diff_seconds = 0.0
         self.on_revoke: Callable[[], None] = lambda: None  # set by the agent: the revoker's wake-up
@@ -108,7 +108,7 @@ class PolicyEnforcer:
         t0 = time.perf_counter()
         with self.lock:
             diff = self.compiler.on_change(cs)
-            self.generation += 1
+            self._rbacs.clear()
             if self.tables is None:
                 return
             if not self.synced:
@@ -183,7 +183,16 @@ class PolicyEnforcer:
 
     def rbac(self, subject: int) -> InboundRbac:
         with self.lock:
-            return inbound_rbac(self.compiler, subject)
+            return self.rbac_locked(subject)
+
+    def rbac_locked(self, subject: int) -> InboundRbac:
+        """The subject's inbound RBAC (what its Envoy listener has); the caller holds `lock`."""
+        hit = self._rbacs.get(subject)
+        if hit is None:
+            if len(self._rbacs) > 4096:
+                self._rbacs.clear()
+            hit = self._rbacs[subject] = inbound_rbac(self.compiler, subject)
+        return hit
 
 
 class Revoker:
@@ -203,7 +212,6 @@ class Revoker:
         self.node_addresses = {ipaddress.ip_address(a).compressed for a in node_addresses}
         self.pods = pods
         self.metrics = metrics
-        self._rbacs: dict[int, tuple[int, InboundRbac]] = {}  # subject -> (enforcer generation, its RBAC)
         self.destroyed = 0
         self.last_round_seconds = 0.0
         self._wake = threading.Event()
@@ -233,18 +241,9 @@ class Revoker:
         if w is None:
             return
         with self.enforcer.lock:
-            verdict, _ = self._rbac(w.security_identity).verdict(t.principal, t.port)
+            verdict, _ = self.enforcer.rbac_locked(w.security_identity).verdict(t.principal, t.port)
         if verdict is Verdict.DENY:
             self.wake()
-
-    def _rbac(self, subject: int) -> InboundRbac:
-        """The subject's inbound RBAC, as its Envoy listener has it; the caller holds the enforcer's lock."""
-        hit = self._rbacs.get(subject)
-        if hit is None or hit[0] != self.enforcer.generation:
-            if len(self._rbacs) > 4096:
-                self._rbacs.clear()
-            hit = self._rbacs[subject] = (self.enforcer.generation, inbound_rbac(self.enforcer.compiler, subject))
-        return hit[1]
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -302,7 +301,7 @@ class Revoker:
                     if peer == ID_HOST:  # the node itself, or a stream the node Envoy delivers
                         t = self.tunnels.peer(s.dst, s.dport, s.src, s.sport) if self.tunnels is not None else None
                         if t is not None:
-                            v, rule = self._rbac(me).verdict(t.principal, s.sport)
+                            v, rule = self.enforcer.rbac_locked(me).verdict(t.principal, s.sport)
                             out.append(Judged(w.key, s, v, rule))
                         continue
                     v, rule = evaluate(compiled, me, peer, Direction.INGRESS, 6, s.sport)
